@@ -1,0 +1,1 @@
+"""thermosweep: trainables."""

@@ -1,0 +1,50 @@
+"""Default member configuration (docs/DESIGN.md). One source for the CLI, the engine and the runners."""
+from __future__ import annotations
+
+import copy
+import os
+
+DEFAULT_KS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]
+
+MEMBER_DEFAULTS: dict = {
+    "model": "convnet",
+    "width": 8,
+    "dataset": "digits",
+    "samples_per_label": None,
+    "loss": "ce",
+    "protocol": "fixed_sphere",
+    "lr": 0.01,
+    "wd": 0.0,
+    "radius": 1.0,
+    "batch_size": 128,
+    "iterations": 20000,
+    "seed": 0,
+    "init_seed": 1,
+    "head_seed": 4,
+    "data_seed": 1,
+    "log_schedule": "free_energy",
+    "running_every": 50,
+    "num_stoch_grads": 1000,
+    "entropy": [{"name": "knn", "window": 1000, "stride": 1, "ks": DEFAULT_KS}],
+    "data_dir": None,
+    "device": "auto",
+}
+
+
+def default_data_dir() -> str:
+    return os.environ.get("THERMOSWEEP_DATA") or os.path.expanduser("~/.cache/thermosweep/data")
+
+
+def fill_defaults(cfg: dict) -> dict:
+    """A full member config: the defaults overlaid with ``cfg`` (which may hold model-specific keys)."""
+    out = copy.deepcopy(MEMBER_DEFAULTS)
+    out.update(copy.deepcopy(cfg))
+    return out
+
+
+def resolve_device(device: str | None):
+    import torch
+
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

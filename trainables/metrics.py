@@ -1,0 +1,114 @@
+"""Log-step measurements of a network (THEORY.md §3).
+
+Everything is computed on the trial's device into 0-dim tensors; the caller moves them to the host
+once per log step. Gradients land in the flat ``grad`` buffer that the model's SI parameters view
+(see ``models.flatten_si_parameters``), so a gradient is one ``backward`` away and never copied
+parameter by parameter.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CHUNK = 1024
+
+
+def loss_sum(logits: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
+    """Summed loss over a batch: cross-entropy, or squared error to one-hot targets averaged over
+    classes (so that its batch mean equals ``nn.MSELoss``; our choice for MSE)."""
+    if loss == "ce":
+        return F.cross_entropy(logits, y, reduction="sum")
+    onehot = F.one_hot(y, logits.shape[-1]).to(logits.dtype)
+    return ((logits - onehot) ** 2).mean(dim=-1).sum()
+
+
+def batch_loss(logits: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
+    return loss_sum(logits, y, loss) / y.shape[0]
+
+
+def full_gradient(model, x, y, grad: torch.Tensor, loss: str, chunk: int = CHUNK):
+    """Train loss, train accuracy and the full gradient ḡ (left in ``grad``) over the whole set.
+
+    Train-mode BN with statistics per chunk of 1024; the summed chunk losses are backpropagated and
+    divided by the set size (§3).
+    """
+    model.train()
+    grad.zero_()
+    total = torch.zeros((), device=x.device, dtype=torch.float64)
+    correct = torch.zeros((), device=x.device, dtype=torch.float64)
+    n = x.shape[0]
+    for start in range(0, n, chunk):
+        xb, yb = x[start:start + chunk], y[start:start + chunk]
+        out = model(xb)
+        l = loss_sum(out, yb, loss)
+        l.backward()
+        total += l.detach().double()
+        correct += (out.detach().argmax(-1) == yb).sum().double()
+    grad.div_(n)
+    return total / n, correct / n
+
+
+@torch.no_grad()
+def evaluate(model, x, y, loss: str, chunk: int = CHUNK):
+    """Test loss and accuracy in eval-mode BN."""
+    model.eval()
+    total = torch.zeros((), device=x.device, dtype=torch.float64)
+    correct = torch.zeros((), device=x.device, dtype=torch.float64)
+    for start in range(0, x.shape[0], chunk):
+        xb, yb = x[start:start + chunk], y[start:start + chunk]
+        out = model(xb)
+        total += loss_sum(out, yb, loss).double()
+        correct += (out.argmax(-1) == yb).sum().double()
+    model.train()
+    return total / x.shape[0], correct / x.shape[0]
+
+
+def gradient_noise_stats(gbar: torch.Tensor, grads) -> dict[str, torch.Tensor]:
+    """SNR statistics of §3 from ḡ and an iterable of stochastic gradients g_1..g_M (flat tensors).
+
+    Only running sums are kept, so M gradients never sit in memory together.
+    """
+    s_sq = s_abs = s_norm = None
+    m = 0
+    for g in grads:
+        d = torch.linalg.vector_norm((g - gbar).double())
+        gn = torch.linalg.vector_norm(g.double())
+        s_sq = d * d if s_sq is None else s_sq + d * d
+        s_abs = d if s_abs is None else s_abs + d
+        s_norm = gn if s_norm is None else s_norm + gn
+        m += 1
+    if m == 0:
+        raise ValueError("need at least one stochastic gradient (num_stoch_grads ≥ 1)")
+    full = torch.linalg.vector_norm(gbar.double())
+    rms = torch.sqrt(s_sq / m)
+    mean_noise = s_abs / m
+    return {
+        "full_grad_norm": full,
+        "stoch_grad_rms": rms,
+        "noise_mean_norm": mean_noise,
+        "stoch_grad_mean_norm": s_norm / m,
+        "snr": full / rms,
+        "snr_mean": full / mean_noise,
+    }
+
+
+def stochastic_gradients(model, x, y, grad: torch.Tensor, loss: str, M: int, batch_size: int,
+                         generator: torch.Generator):
+    """Yield M fresh minibatch gradients at the current θ without stepping (train-mode BN).
+
+    The yielded tensor is the shared ``grad`` buffer: consume it before asking for the next one.
+    """
+    model.train()
+    n = x.shape[0]
+    for _ in range(M):
+        idx = torch.randint(n, (batch_size,), generator=generator, device=x.device)
+        grad.zero_()
+        batch_loss(model(x[idx]), y[idx], loss).backward()
+        yield grad
+
+
+def variance_terms(stats: dict[str, torch.Tensor], radius: torch.Tensor, D: int) -> dict[str, torch.Tensor]:
+    """tr Σ, G² and σ² rescaled to the unit sphere (§3): tr Σ = rms²·r², G² = |ḡ|²·r², σ² = tr Σ/(D−1)."""
+    r2 = radius.double() ** 2
+    trace = stats["stoch_grad_rms"] ** 2 * r2
+    return {"trace_sigma": trace, "grad_sq": stats["full_grad_norm"] ** 2 * r2, "sigma2": trace / (D - 1)}

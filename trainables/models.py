@@ -1,0 +1,189 @@
+"""Fully scale-invariant networks (THEORY.md §1).
+
+Every trainable tensor is a bias-free conv followed by ``BatchNorm2d(affine=False)``, so the training
+loss satisfies L(αθ) = L(θ) for α > 0. The linear head is frozen at initialisation (Frobenius norm 10
+for cross-entropy, 1.5 for MSE) and is not part of θ.
+
+Public API:
+    build_model(name, width, num_classes, ...) -> nn.Module
+    si_parameters(model) -> list of trainable parameters (θ, fixed order)
+    num_si_params(model) -> D
+    flatten_si_parameters(model) -> (theta, grad) flat views shared with the model
+    global_norm(theta) -> |θ|
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HEAD_NORMS = {"ce": 10.0, "mse": 1.5}  # THEORY.md §1
+
+
+def _conv3x3(cin, cout, stride=1):
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+
+
+def _bn(c):
+    return nn.BatchNorm2d(c, affine=False)
+
+
+# -----------------------------------------------------------------------------
+# ConvNet(c)
+
+
+class ConvNet(nn.Module):
+    """conv(in→c) | conv(c→2c) pool | conv(2c→4c) pool | conv(4c→8c) pool | global max pool | head.
+
+    Each conv is followed by BN(affine=False) and ReLU (THEORY.md §1). The final MaxPool4 is an
+    adaptive max pool to 1×1: identical at 32×32 input, and it also accepts 8×8 digits.
+    """
+
+    def __init__(self, width, num_classes, in_channels=3):
+        super().__init__()
+        c = width
+        chans = [in_channels, c, 2 * c, 4 * c, 8 * c]
+        layers = []
+        for i in range(4):
+            layers += [_conv3x3(chans[i], chans[i + 1]), _bn(chans[i + 1]), nn.ReLU(inplace=True)]
+            if i > 0:
+                layers.append(nn.MaxPool2d(2))
+        layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten()]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(8 * c, num_classes)  # replaced and frozen by build_model
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+# -----------------------------------------------------------------------------
+# Pre-activation ResNet-18(k)
+
+
+class PreActBlock(nn.Module):
+    """BN ReLU conv3x3 BN ReLU conv3x3 + shortcut (THEORY.md §1).
+
+    Where the shape changes, the shortcut is BN(affine=False) → conv1x1(stride) applied to the
+    block's pre-activated input relu(bn1(x)); otherwise it is the identity on x.
+    """
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.bn1 = _bn(cin)
+        self.conv1 = _conv3x3(cin, cout, stride)
+        self.bn2 = _bn(cout)
+        self.conv2 = _conv3x3(cout, cout)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(_bn(cin), nn.Conv2d(cin, cout, 1, stride=stride, bias=False))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        skip = x if self.shortcut is None else self.shortcut(out)
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + skip
+
+
+class PreActResNet18(nn.Module):
+    """conv3x3(in→k); stages of 2 blocks with k, 2k, 4k, 8k planes (strides 1,2,2,2); BN ReLU
+    global average pool (adaptive; = AvgPool4 at 32×32); frozen bias-free head."""
+
+    def __init__(self, width, num_classes, in_channels=3):
+        super().__init__()
+        k = width
+        self.conv1 = _conv3x3(in_channels, k)
+        blocks, cin = [], k
+        for planes, stride in [(k, 1), (2 * k, 2), (4 * k, 2), (8 * k, 2)]:
+            for s in (stride, 1):
+                blocks.append(PreActBlock(cin, planes, s))
+                cin = planes
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = _bn(cin)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(cin, num_classes, bias=False)  # replaced and frozen by build_model
+
+    def forward(self, x):
+        out = self.blocks(self.conv1(x))
+        return self.head(self.pool(F.relu(self.bn(out))))
+
+
+# -----------------------------------------------------------------------------
+# construction
+
+
+MODELS = {"convnet": ConvNet, "resnet18": PreActResNet18}
+
+
+def build_model(name, width, num_classes, in_channels=3, loss="ce", init_seed=1, head_seed=4,
+                radius=1.0):
+    """Build a scale-invariant network with the papers' initialisation order (THEORY.md §1).
+
+    seed `init_seed` → model with PyTorch default init → seed `head_seed` → fresh Linear head
+    (weight rescaled to Frobenius norm 10 for 'ce' / 1.5 for 'mse', bias as is, frozen) →
+    θ rescaled globally to |θ| = radius. The global torch RNG state is restored afterwards.
+    The model is built on the CPU in float32; move it with `.to(device)`.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid names: {sorted(MODELS)}")
+    if loss not in HEAD_NORMS:
+        raise ValueError(f"unknown loss {loss!r}; valid losses: {sorted(HEAD_NORMS)}")
+    for key, val in [("width", width), ("num_classes", num_classes), ("in_channels", in_channels)]:
+        if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+            raise ValueError(f"{key} must be a positive integer, got {val!r}")
+    if not radius > 0:
+        raise ValueError(f"radius must be > 0, got {radius!r}")
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        model = MODELS[name](width, num_classes, in_channels)
+        torch.manual_seed(head_seed)
+        old = model.head
+        head = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None)
+    with torch.no_grad():
+        head.weight.mul_(HEAD_NORMS[loss] / head.weight.norm())
+        model.head = head
+        for p in head.parameters():
+            p.requires_grad_(False)
+        params = si_parameters(model)
+        scale = radius / global_norm(torch.cat([p.reshape(-1) for p in params]))
+        for p in params:
+            p.mul_(scale)
+    return model
+
+
+def si_parameters(model):
+    """The trainable (scale-invariant) parameters θ, in module registration order."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def num_si_params(model):
+    """D = number of trainable scale-invariant weights (THEORY.md §1)."""
+    return sum(p.numel() for p in si_parameters(model))
+
+
+def flatten_si_parameters(model):
+    """Make every SI parameter's `.data` a view into one flat tensor `theta`, and its `.grad` a view
+    into one flat zero tensor `grad`; return (theta, grad).
+
+    Autograd accumulates into an existing `.grad` in place, so after `grad.zero_()` and
+    `loss.backward()` the flat `grad` holds ∇L. Do not call `model.zero_grad()` (it sets grads to
+    None and breaks the views) and do not move the model afterwards: call this once the model is on
+    its device and in its dtype. In-place edits of `theta` change the model.
+    """
+    params = si_parameters(model)
+    if not params:
+        raise ValueError("model has no trainable parameters to flatten")
+    theta = torch.cat([p.detach().reshape(-1) for p in params])
+    grad = torch.zeros_like(theta)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.data = theta[offset:offset + n].view_as(p)
+        p.grad = grad[offset:offset + n].view_as(p)
+        offset += n
+    return theta, grad
+
+
+def global_norm(theta):
+    """|θ|, the Euclidean norm of a flat tensor (0-dim tensor)."""
+    return torch.linalg.vector_norm(theta)

@@ -1,0 +1,87 @@
+"""Where snapshots go and where windowed entropy is computed.
+
+A runner calls ``sink.put(it, theta)`` at snapshot iterations (``theta`` is ``(n_members, D)``) and
+``sink.evaluate(t)`` at log steps; ``evaluate`` returns one dict of entropy metrics per member. The
+``LocalSink`` keeps ring buffers in the training process (the single-trial CLI); the engine's
+``ReservoirSink`` ships snapshots to a Ray actor instead. Both use :func:`window_entropy`.
+
+A window whose snapshots are not all present (for example after a restart that lost them) is never
+evaluated: the member's dict then holds ``entropy_missing = 1.0`` instead of entropy values.
+"""
+from __future__ import annotations
+
+import torch
+
+from trainables import entropy as H
+from trainables.schedule import window_complete, window_iterations
+
+
+def window_entropy(window: torch.Tensor, spec: dict) -> dict[str, float]:
+    """Entropy metrics of one member's window (N, D) for one estimator spec (THEORY.md §4)."""
+    out: dict[str, float] = {}
+    if spec["name"] == "knn":
+        ks = spec.get("ks") or H.DEFAULT_KS
+        for k, v in H.knn_graph_entropy(window, ks).items():
+            out[f"entropy_knn_k{k}"] = float(v)
+    elif spec["name"] == "kl":
+        s_sphere, s_full = H.kl_sphere_entropy(window, standardize=bool(spec.get("standardize", False)))
+        out["entropy_kl_sphere"] = float(s_sphere)
+        out["entropy_kl_full"] = float(s_full)
+    else:
+        raise ValueError(f"unknown entropy estimator '{spec['name']}' (use knn or kl)")
+    out["window_radius"] = float(H.window_radius(window))
+    return out
+
+
+class LocalSink:
+    """In-process ring buffers, one per estimator spec, shape (n_members, N, D).
+
+    Slot ``(it // stride) % N`` holds the snapshot of iteration ``it``; ``slot_iter`` remembers which
+    iteration each slot holds so that an incomplete window is detected, never evaluated.
+    """
+
+    def __init__(self, specs: list[dict], n_members: int, D: int, device="cpu",
+                 dtype=torch.float32):
+        self.specs = [dict(s) for s in specs]
+        self.buffers = [torch.zeros(n_members, int(s["window"]), D, device=device, dtype=dtype)
+                        for s in self.specs]
+        self.slot_iter = [[-1] * int(s["window"]) for s in self.specs]
+
+    def put(self, it: int, theta: torch.Tensor) -> None:
+        for k, spec in enumerate(self.specs):
+            stride, n = int(spec.get("stride", 1)), int(spec["window"])
+            if it % stride == 0:
+                slot = (it // stride) % n
+                self.buffers[k][:, slot].copy_(theta, non_blocking=True)
+                self.slot_iter[k][slot] = it
+
+    def window_ready(self, k: int, t: int) -> bool:
+        spec = self.specs[k]
+        n, stride = int(spec["window"]), int(spec.get("stride", 1))
+        if not window_complete(t, n, stride):
+            return False
+        return all(self.slot_iter[k][(i // stride) % n] == i for i in window_iterations(t, n, stride))
+
+    def evaluate(self, t: int, members: list[int] | None = None) -> list[dict[str, float]]:
+        n_members = self.buffers[0].shape[0] if self.buffers else 0
+        members = range(n_members) if members is None else members
+        rows: list[dict[str, float]] = [{} for _ in range(n_members)]
+        for k, spec in enumerate(self.specs):
+            n, stride = int(spec["window"]), int(spec.get("stride", 1))
+            if not window_complete(t, n, stride):
+                continue
+            if not self.window_ready(k, t):
+                for m in members:
+                    rows[m]["entropy_missing"] = 1.0
+                continue
+            for m in members:
+                rows[m].update(window_entropy(self.buffers[k][m], spec))
+        return rows
+
+    def state_dict(self) -> dict:
+        return {"buffers": [b.cpu() for b in self.buffers], "slot_iter": [list(s) for s in self.slot_iter]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for b, saved in zip(self.buffers, state["buffers"]):
+            b.copy_(saved)
+        self.slot_iter = [list(s) for s in state["slot_iter"]]
