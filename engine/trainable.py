@@ -1,0 +1,88 @@
+"""The Ray Tune function trainable: one trial = one runner over a bundle of members.
+
+It builds the runner on the device Ray gave it (CUDA when a GPU was assigned and exists, else CPU),
+restores the runner from Tune's checkpoint after a failure, streams snapshots to the node's reservoir
+and reports one result per log step. A result carries every member's row and running rows; the
+driver-side MLflow callback (engine.tracking) is the only thing that writes them anywhere.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+
+import ray
+import torch
+from ray import tune
+
+from engine.reservoir import ReservoirSink
+from trainables.runner import make_runner
+
+CHECKPOINT_FILE = "runner.pt"
+
+
+def trial_device(members: list[dict]) -> torch.device:
+    wanted = members[0].get("device", "auto")
+    if wanted not in (None, "auto"):
+        return torch.device(wanted)
+    if ray.get_gpu_ids() and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _checkpoint_due(every: int, last: int, iteration: int) -> bool:
+    if every <= 0:
+        return True
+    return iteration // every > last // every
+
+
+def train_bundle(config: dict) -> None:
+    trial = config["trial"]
+    member_ids = [mid for mid, _ in trial["members"]]
+    members = [dict(cfg) for _, cfg in trial["members"]]
+    cpus = max(1, int(config.get("cpus_per_trial", 1)))
+    torch.set_num_threads(cpus)
+    device = trial_device(members)
+    for m in members:
+        m["device"] = str(device)
+    runner = make_runner(members, device)
+
+    restored = tune.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+        runner.load_state_dict(state)
+
+    specs = runner.members[0].get("entropy") or []
+    key = f"{config.get('sweep_id', 'sweep')}/{trial['trial_id']}"
+    sink = ReservoirSink(key, specs, len(members), runner.D, device) if specs else None
+    kill_at = config.get("_fault_kill_at")          # tests only: a real SIGKILL of this worker
+    every = int(config.get("checkpoint_every", 0))
+    last_ckpt = runner.iteration
+
+    for event in runner.run(sink):
+        t = event["iteration"]
+        finished = all(s != "running" for s in runner.status)
+        metrics = {
+            "iteration": t,
+            "member_ids": member_ids,
+            "rows": event["rows"],
+            "running": event["running"],
+            "status": list(runner.status),
+            "D": runner.D,
+            "members_running": sum(s == "running" for s in runner.status),
+        }
+        first = next((r for r in event["rows"] if r), None)
+        if first is not None and "train_loss" in first:
+            metrics["train_loss"] = first["train_loss"]
+        if finished or _checkpoint_due(every, last_ckpt, t):
+            with tempfile.TemporaryDirectory() as d:
+                torch.save(runner.state_dict(), os.path.join(d, CHECKPOINT_FILE))
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+            last_ckpt = t
+        else:
+            tune.report(metrics)
+        if kill_at is not None and restored is None and t >= kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    if sink is not None:
+        sink.close()
