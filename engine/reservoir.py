@@ -75,11 +75,13 @@ class Reservoir:
     def known(self, trial_key: str) -> bool:
         return trial_key in self.trials
 
-    def evaluate(self, trial_key: str, t: int, n_members: int) -> list[dict]:
+    def evaluate(self, trial_key: str, t: int, n_members: int, spec_ids: list[int] | None = None) -> list[dict]:
         rows: list[dict] = [{} for _ in range(n_members)]
         st = self.trials.get(trial_key)
         cache: dict[int, np.ndarray] = {}
         for k, spec in enumerate(st["specs"] if st else []):
+            if spec_ids is not None and k not in spec_ids:
+                continue
             n, stride = int(spec["window"]), int(spec.get("stride", 1))
             if not window_complete(t, n, stride):
                 continue
@@ -180,14 +182,14 @@ class ReservoirSink:
         its, self.buffered = self.buffered, []
         self._guard(lambda: self.reservoir.add.remote(self.trial_key, its, [ref]))
 
-    def evaluate(self, t: int) -> list[dict]:
+    def evaluate(self, t: int, spec_ids: list[int] | None = None) -> list[dict]:
         self.flush()
         missing = [{"entropy_missing": 1.0} for _ in range(self.n_members)]
         # re-register if the reservoir restarted and lost us (its windows refill from here on)
         known = self._guard(lambda: ray.get(self.reservoir.known.remote(self.trial_key)), False)
         if not known:
             self._guard(lambda: ray.get(self.reservoir.register.remote(self.trial_key, self.specs)))
-        rows = self._guard(lambda: ray.get(self.reservoir.evaluate.remote(self.trial_key, t, self.n_members)))
+        rows = self._guard(lambda: ray.get(self.reservoir.evaluate.remote(self.trial_key, t, self.n_members, spec_ids)))
         return rows if rows is not None else missing
 
     def close(self) -> None:

@@ -23,7 +23,7 @@ VMF = [10 ** (-3 + j / 8) for j in range(17)]  # logspace(-3, -1, 17)
 
 # file → (members, {axis: expected values})
 SHIPPED = {
-    "demo.yaml": (2 * 8, {"width": [1, 16], "lr": [1e-3 * 10 ** (3 * k / 7) for k in range(8)]}),
+    "demo.yaml": (2 * 8, {"width": [1, 8], "lr": [1e-3 * 10 ** (3 * k / 7) for k in range(8)]}),
     "fixed_lr.yaml": (2 * 28, {"width": [8, 64], "lr": FE_LR}),
     "fixed_lr_resnet.yaml": (2 * 28, {"width": [4, 32], "lr": FE_LR}),
     "fixed_lr_cifar100.yaml": (2 * 28, {"width": [8, 96], "lr": FE_LR}),
@@ -31,10 +31,10 @@ SHIPPED = {
     "lr_wd.yaml": (19 * 5, {"lr": IG_LR, "wd": WD5}),
     "fixed_elr.yaml": (14 * 5, {"lr": IG_ELR, "wd": WD5}),
     "fixed_sphere.yaml": (14 * 5, {"lr": IG_ELR, "radius": [0.25, 0.5, 1, 2, 4]}),
-    "toy_sphere.yaml": (2 * 80, {"setting": ["up", "op"], "lr": TOY_LR}),
-    "toy_vmf_fixed_lr.yaml": (17 * 17, {"lr": VMF, "wd": VMF}),
-    "toy_vmf_fixed_elr.yaml": (17 * 17, {"lr": VMF, "wd": VMF}),
-    "toy_vmf_fixed_sphere.yaml": (17 * 17, {"lr": VMF, "radius": [10 ** (-1 + j / 8) for j in range(17)]}),
+    "sphere_toy.yaml": (2 * 80, {"setting": ["up", "op"], "lr": TOY_LR}),
+    "vmf_fixed_lr.yaml": (17 * 17, {"lr": VMF, "wd": VMF}),
+    "vmf_fixed_elr.yaml": (17 * 17, {"lr": VMF, "wd": VMF}),
+    "vmf_fixed_sphere.yaml": (17 * 17, {"lr": VMF, "radius": [10 ** (-1 + j / 8) for j in range(17)]}),
 }
 TOY_KEYS = {"sphere_toy": {"setting"}, "vmf": {"dim", "noise", "mu_seed"}}
 
@@ -91,16 +91,17 @@ def test_paper_settings_in_grids():
     ig = load_grid(GRIDS / "lr_wd.yaml")
     _, cfg = ig.members()[0]
     assert cfg["protocol"] == "fixed_lr" and cfg["log_schedule"] == "ideal_gas"
-    assert cfg["entropy"] == [{"name": "kl", "window": 4000, "stride": 25, "standardize": False}]
+    assert cfg["entropy"] == [{"name": "kl", "window": 4000, "stride": 25, "standardize": False,
+                              "evaluate_last": None}]
     assert (cfg["model"], cfg["width"], cfg["num_stoch_grads"]) == ("resnet18", 4, 4000)
     assert load_grid(GRIDS / "fixed_sphere.yaml").members()[0][1]["wd"] == 0.0
 
 
 def test_toy_grids_bundle_the_vectorised_axes():
-    sphere = load_grid(GRIDS / "toy_sphere.yaml").trials()
+    sphere = load_grid(GRIDS / "sphere_toy.yaml").trials()
     assert [len(t["members"]) for t in sphere] == [80, 80]
     assert [{c["setting"] for _, c in t["members"]} for t in sphere] == [{"up"}, {"op"}]
-    vmf = load_grid(GRIDS / "toy_vmf_fixed_sphere.yaml").trials()
+    vmf = load_grid(GRIDS / "vmf_fixed_sphere.yaml").trials()
     assert len(vmf) == 1 and len(vmf[0]["members"]) == 289
     assert len(TOY_LR) == 80 and TOY_LR[-1] == pytest.approx(10.0)
 
@@ -109,11 +110,12 @@ def test_demo_members_and_trials():
     grid = load_grid(GRIDS / "demo.yaml")
     members = grid.members()
     # product order: width is the outer axis, lr the inner one
-    assert [m[1]["width"] for m in members] == [1] * 8 + [16] * 8
+    assert [m[1]["width"] for m in members] == [1] * 8 + [8] * 8
     assert members[9][0] == "m0009" and members[9][1]["lr"] == pytest.approx(1e-3 * 10 ** (3 / 7))
     cfg = members[0][1]
     assert (cfg["dataset"], cfg["iterations"], cfg["batch_size"], cfg["num_stoch_grads"]) == ("digits", 3000, 64, 20)
-    assert cfg["entropy"] == [{"name": "knn", "window": 200, "stride": 1, "ks": [1, 2, 5, 10, 20, 50, 100, 199]}]
+    assert cfg["entropy"] == [{"name": "knn", "window": 200, "stride": 1, "ks": [1, 2, 5, 10, 20, 50, 100, 199],
+                              "evaluate_last": None}]
     assert cfg["seed"] == 0 and cfg["head_seed"] == 4  # untouched defaults
     trials = grid.trials()
     assert len(trials) == 16 and all(len(t["members"]) == 1 for t in trials)

@@ -3,7 +3,8 @@
 A log schedule is a sorted list of iterations at which the full metrics are computed. An entropy
 estimator spec (``{"name": "knn", "window": N, "stride": s}``) defines, for a log step ``t``, a window of
 the N most recent iterations that are multiples of ``s`` and not after ``t``. Entropy is evaluated at
-every log step whose window is complete (it starts at iteration ≥ 0). Only the snapshots that fall in
+every log step whose window is complete (it starts at iteration ≥ 0) — or, when the spec has ``evaluate_last: K``,
+at the last K such steps only. Only the snapshots that fall in
 an evaluated window are ever taken.
 """
 from __future__ import annotations
@@ -14,7 +15,8 @@ SCHEDULES = ("free_energy", "ideal_gas", "sphere_toy", "every:N", "log:N")
 
 
 def _log_spaced(start: float, stop: float, num: int) -> list[int]:
-    return [int(v) for v in np.logspace(np.log10(start), np.log10(stop), num)]
+    # truncate to integers as the papers do, but guard against 10**log10(n) landing just below n
+    return [int(np.floor(v * (1 + 1e-12))) for v in np.logspace(np.log10(start), np.log10(stop), num)]
 
 
 def _count(schedule: str) -> int:
@@ -90,7 +92,11 @@ class SnapshotPlan:
         needed: set[int] = set()
         for spec in self.specs:
             n, s = int(spec["window"]), int(spec.get("stride", 1))
-            steps = {t for t in log_iters if window_complete(t, n, s)}
+            steps = sorted(t for t in log_iters if window_complete(t, n, s))
+            last = spec.get("evaluate_last")
+            if last:                      # only the last K eligible log steps (e.g. THEORY.md §8's 10)
+                steps = steps[-int(last):]
+            steps = set(steps)
             self.eval_steps.append(steps)
             for t in steps:
                 needed.update(window_iterations(t, n, s))

@@ -1,7 +1,8 @@
 """Where snapshots go and where windowed entropy is computed.
 
 A runner calls ``sink.put(it, theta)`` at snapshot iterations (``theta`` is ``(n_members, D)``) and
-``sink.evaluate(t)`` at log steps; ``evaluate`` returns one dict of entropy metrics per member. The
+``sink.evaluate(t, spec_ids)`` at log steps (``spec_ids``: the estimator specs the snapshot plan evaluates
+at t); ``evaluate`` returns one dict of entropy metrics per member. The
 ``LocalSink`` keeps ring buffers in the training process (the single-trial CLI); the engine's
 ``ReservoirSink`` ships snapshots to a Ray actor instead. Both use :func:`window_entropy`.
 
@@ -62,11 +63,16 @@ class LocalSink:
             return False
         return all(self.slot_iter[k][(i // stride) % n] == i for i in window_iterations(t, n, stride))
 
-    def evaluate(self, t: int, members: list[int] | None = None) -> list[dict[str, float]]:
+    def evaluate(self, t: int, spec_ids: list[int] | None = None,
+                 members: list[int] | None = None) -> list[dict[str, float]]:
+        """Entropy of every member's window(s) at log step t, for the given specs (default: all whose
+        window is complete at t)."""
         n_members = self.buffers[0].shape[0] if self.buffers else 0
         members = range(n_members) if members is None else members
         rows: list[dict[str, float]] = [{} for _ in range(n_members)]
         for k, spec in enumerate(self.specs):
+            if spec_ids is not None and k not in spec_ids:
+                continue
             n, stride = int(spec["window"]), int(spec.get("stride", 1))
             if not window_complete(t, n, stride):
                 continue

@@ -113,7 +113,7 @@ class NetworkRunner:
                                                     *stats.values())]).cpu().tolist()
         row = {"iteration": t, **dict(zip(names, values))}
         if sink is not None and self.plan.evaluates(t):
-            row.update(sink.evaluate(t)[0])
+            row.update(sink.evaluate(t, self.plan.specs_at(t))[0])
         r_bar = row.get("window_radius", row["radius"])
         row["trace_sigma"] = row["stoch_grad_rms"] ** 2 * r_bar ** 2
         row["grad_sq"] = row["full_grad_norm"] ** 2 * r_bar ** 2

@@ -1,0 +1,860 @@
+"""Sweep report: figures and summary tables for one MLflow experiment (THEORY.md §§5–7).
+
+    python -m analysis.report --experiment NAME [--tracking-uri URI] [--out DIR]
+        [--parent-run ID] [--window W] [--eps E] [--lr-range LO HI] [--no-upload]
+
+Writes PNG figures, ``summary.md``, ``summary.csv`` and per-section CSV tables into OUT
+(default ``reports/NAME``), then logs the folder to the parent run under ``report/``.
+
+Sections are plain functions ``section(sweep, out_dir, opts) -> SectionResult`` kept in the
+registry ``SECTIONS``. A section raises ``Skip(reason)`` when the sweep lacks what it needs;
+any other exception is caught too, so one broken section never stops the report. Another
+module adds its own with ``register_section(fn)``; ``main`` imports ``analysis.toys_report``
+(if it exists) before running, so registering at its import time is enough.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import math
+import os
+import re
+import sys
+import traceback
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from analysis import figures as fg
+from analysis import ideal_gas as ig
+from analysis.figures import plt
+from analysis.free_energy import fit_temperature, free_energy_curves, temperature_along_training
+from analysis.load import SweepNotFound, Sweep, load_experiment
+from analysis.snr import default_phase_threshold, gradient_phase_exponent
+from trainables.defaults import MEMBER_DEFAULTS
+
+# member keys that define a group (everything physical; bookkeeping keys left out)
+# (the ``radius`` param is renamed ``r0`` in member_table: ``radius`` is also a metric)
+GROUP_KEYS = tuple("r0" if k == "radius" else k for k in MEMBER_DEFAULTS
+                   if k not in ("device", "data_dir")) + ("dim", "noise", "mu_seed", "setting")
+PLUGINS = ("analysis.toys_report",)
+UNIFORM_MAX_D = 50_000
+
+
+class Skip(Exception):
+    """Raised by a section (or a group inside it) to skip with a reason."""
+
+
+@dataclass
+class Options:
+    eps: float = 0.01                 # §5 tolerance ε (loss units)
+    lr_range: tuple | None = None     # §5 manual stationary segment (lo, hi); None = automatic
+    h: float = 0.3                    # §5 smoothing half-width in ln η
+    k_max: int = 50                   # §5 k of the k-NN entropy: 50, or the largest logged k ≤ this
+    uniform_n: int | None = None      # samples of the uniform reference (default: the knn window N)
+    pressure_last: int = 3000         # §7 running logs averaged for r̃
+
+
+@dataclass
+class SectionResult:
+    name: str
+    figures: list = field(default_factory=list)        # file names in out_dir
+    tables: list = field(default_factory=list)         # CSV file names in out_dir
+    summary_rows: list = field(default_factory=list)   # dicts, one per group/fit
+    skipped_reason: str | None = None
+    notes: list = field(default_factory=list)
+
+
+SECTIONS: list = []
+
+
+def register_section(fn):
+    """Add ``fn(sweep, out_dir, opts) -> SectionResult`` to the report (usable as a decorator)."""
+    if fn not in SECTIONS:
+        SECTIONS.append(fn)
+    return fn
+
+
+# -----------------------------------------------------------------------------
+# shared helpers
+
+def member_table(sweep: Sweep) -> pd.DataFrame:
+    """Usable members: params joined with stationary metrics (index run_id).
+
+    The ``radius`` param (r0) is renamed ``r0``; any other param whose name is also a metric
+    becomes ``param_<k>``.
+    """
+    st = sweep.stationary
+    m = sweep.members.loc[[r for r in st.index if r in sweep.members.index]]
+    m = m.rename(columns={"radius": "r0"})
+    clash = [c for c in m.columns if c in st.columns]
+    m = m.rename(columns={c: f"param_{c}" for c in clash})
+    return m.join(st, how="inner")
+
+
+def _hashable(v):
+    return json.dumps(v, sort_keys=True, default=str)
+
+
+def group_members(table: pd.DataFrame, vary) -> list:
+    """Split members into groups that agree on every GROUP_KEYS key except ``vary``.
+
+    Returns [(label, frame)], the label naming the keys that differ between groups
+    ("all" if there is one group).
+    """
+    keys = [k for k in GROUP_KEYS if k in table.columns and k not in vary]
+    if table.empty:
+        return []
+    if not keys:
+        return [("all", table)]
+    codes = table[keys].apply(lambda col: col.map(_hashable))
+    differ = [k for k in keys if codes[k].nunique() > 1]
+    out = []
+    for _, idx in codes.groupby(keys, sort=True).groups.items():
+        g = table.loc[idx]
+        label = ", ".join(f"{k}={g[k].iloc[0]}" for k in differ) or "all"
+        out.append((label, g))
+    return out
+
+
+def slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "_", label).strip("_") or "all"
+
+
+def _series(sweep, run_id, *metrics):
+    """Rows of one member where every given metric is finite: (iterations, [values...])."""
+    s = sweep.series[sweep.series["run_id"] == run_id]
+    if any(m not in s.columns for m in metrics):
+        return np.array([]), [np.array([]) for _ in metrics]
+    s = s[["iteration", *metrics]].dropna()
+    return s["iteration"].to_numpy(float), [s[m].to_numpy(float) for m in metrics]
+
+
+def _fmt(v):
+    if isinstance(v, (bool, np.bool_)):
+        return str(bool(v))
+    if isinstance(v, (float, np.floating)):
+        return "nan" if not np.isfinite(v) else f"{v:.4g}"
+    return str(v)
+
+
+def md_table(rows) -> str:
+    if not rows:
+        return ""
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _write_table(df, out_dir, name, res):
+    df.to_csv(os.path.join(out_dir, name), index=False)
+    res.tables.append(name)
+
+
+def _rel_err(measured, predicted):
+    measured, predicted = np.asarray(measured, float), np.asarray(predicted, float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.abs(measured - predicted) / np.abs(predicted)
+
+
+def _nanmedian(a):
+    a = np.asarray(a, float)
+    a = a[np.isfinite(a)]
+    return float(np.median(a)) if a.size else float("nan")
+
+
+def _lr_lines(ax, sweep, g, metric, ylog=True):
+    """One curve per member of ``metric`` vs iteration (iteration > 0, log x), coloured by LR."""
+    colors, _ = fg.value_colors(g["lr"])
+    drawn = 0
+    for (rid, _), c in zip(g.iterrows(), colors):
+        it, (v,) = _series(sweep, rid, metric)
+        keep = it > 0
+        if ylog:
+            keep &= v > 0
+        if keep.any():
+            ax.plot(it[keep], v[keep], color=c, lw=1.2)
+            drawn += 1
+    ax.set_xscale("log")
+    if ylog:
+        ax.set_yscale("log")
+    ax.set_xlabel("iteration t")
+    return drawn
+
+
+# -----------------------------------------------------------------------------
+# §5 free energy
+
+def _knn_k(names, k_max):
+    ks = sorted(int(m.group(1)) for n in names if (m := re.fullmatch(r"entropy_knn_k(\d+)", n)))
+    ok = [k for k in ks if k <= k_max]
+    if not ok:
+        raise Skip(f"no k-NN entropy metric entropy_knn_k<K> with K ≤ {k_max} logged "
+                   f"(found {ks or 'none'}); the free-energy analysis needs S (§4a)")
+    return ok[-1]
+
+
+_UNIFORM_CACHE: dict = {}
+
+
+def _knn_window(entropy_param):
+    specs = entropy_param if isinstance(entropy_param, list) else []
+    for s in specs:
+        if isinstance(s, dict) and s.get("name") == "knn":
+            return int(s.get("window", 1000))
+    return 1000
+
+
+def uniform_entropy(D, n, k):
+    """k-NN entropy of n uniform directions on the unit sphere in R^D (THEORY.md §4, cached)."""
+    key = (int(D), int(n), int(k))
+    if key not in _UNIFORM_CACHE:
+        from trainables.entropy import uniform_sphere_reference
+        _UNIFORM_CACHE[key] = uniform_sphere_reference(int(D), n=int(n), ks=[int(k)])[
+            f"entropy_knn_k{min(int(k), int(n) - 1)}"]
+    return _UNIFORM_CACHE[key]
+
+
+def _steadily_decreasing(U, frac=0.8):
+    d = np.diff(U)
+    return d.size > 0 and (d < 0).mean() >= frac and U[-1] < U[0]
+
+
+def free_energy_section(sweep, out_dir, opts):
+    """THEORY.md §5: U, S vs LR, temperature intervals, power law, F curves, OP decay."""
+    res = SectionResult("free_energy")
+    names = sweep.metric_names
+    if "train_loss" not in names:
+        raise Skip("no train_loss metric logged; U (§5) is the stationary train loss")
+    K = _knn_k(names, opts.k_max)
+    ent = f"entropy_knn_k{K}"
+    tab = member_table(sweep)
+    if "lr" not in tab.columns:
+        raise Skip("members have no lr param")
+    seg = f"lr range {opts.lr_range}" if opts.lr_range else "automatic segment rule"
+    res.notes.append(f"S = {ent}; ε = {opts.eps}; smoothing h = {opts.h}; {seg}")
+    res.notes.append("uniform-reference loss asymptote not drawn: it needs the model "
+                     "(trainables.entropy.uniform_sphere_reference with a loss_fn)")
+    skipped = []
+    for label, g in group_members(tab, ("lr",)):
+        try:
+            _free_energy_group(sweep, out_dir, opts, res, label, g.sort_values("lr"), ent, K)
+        except Skip as e:
+            skipped.append(f"group {label}: {e}")
+    res.notes += skipped
+    if not res.summary_rows:
+        raise Skip("; ".join(skipped) or "no group of members")
+    return res
+
+
+def _free_energy_group(sweep, out_dir, opts, res, label, g, ent, K):
+    s = slug(label)
+    U_all = g["train_loss"].to_numpy(float) if "train_loss" in g else np.full(len(g), np.nan)
+    S_all = g[ent].to_numpy(float) if ent in g else np.full(len(g), np.nan)
+    ok = np.isfinite(U_all) & np.isfinite(S_all)
+    for rid in g.index[~ok]:
+        res.notes.append(f"group {label}: member {rid} (lr={g.loc[rid, 'lr']:.4g}) has no "
+                         f"stationary train_loss/{ent}; dropped")
+    gf = g[ok]
+    if gf["lr"].duplicated().any():
+        res.notes.append(f"group {label}: several members share an LR; their stationary values are averaged")
+    agg = gf.groupby("lr")[["train_loss", ent]].mean()
+    if len(agg) < 3:
+        raise Skip(f"only {len(agg)} distinct LR(s) with finite U and S; need ≥ 3")
+    lrs, U, S = agg.index.to_numpy(float), agg["train_loss"].to_numpy(), agg[ent].to_numpy()
+    try:
+        fit = fit_temperature(lrs, U, S, opts.eps, h=opts.h, lr_range=opts.lr_range)
+    except ValueError as e:
+        raise Skip(f"temperature fit failed: {e}") from None
+
+    # uniform-sphere entropy asymptote
+    S_uni = None
+    D = g["D"].dropna().unique() if "D" in g else []
+    if len(D) != 1:
+        res.notes.append(f"group {label}: no single D param; uniform reference skipped")
+    elif D[0] > UNIFORM_MAX_D:
+        res.notes.append(f"group {label}: D = {int(D[0])} > {UNIFORM_MAX_D}; uniform entropy reference skipped")
+    else:
+        N = _knn_window(g["entropy"].iloc[0]) if "entropy" in g else 1000
+        n = opts.uniform_n or N
+        try:
+            S_uni = uniform_entropy(D[0], n, K)
+            note = "" if n == N else f" (≠ window N = {N}: not on the same scale)"
+            res.notes.append(f"group {label}: uniform reference S = {S_uni:.6g} from n = {n} samples{note}")
+        except Exception as e:  # noqa: BLE001 - a missing reference must not stop the section
+            res.notes.append(f"group {label}: uniform reference failed: {e}")
+
+    colors, sm = fg.value_colors(g["lr"])
+    # 1. training curves
+    fig, ax = fg.figure(2)
+    _lr_lines(ax[0, 0], sweep, g, "train_loss")
+    ax[0, 0].set_ylabel("train loss U")
+    _lr_lines(ax[0, 1], sweep, g, ent, ylog=False)
+    ax[0, 1].set_ylabel(f"entropy S (k = {K})")
+    fig.suptitle(f"training, {label}")
+    fg.colorbar(fig, ax, sm)
+    res.figures.append(fg.save(fig, out_dir, f"fe_{s}_training.png"))
+
+    # 2. stationary U and S vs LR
+    fig, ax = fg.figure(2)
+    for a, raw, smooth, name in ((ax[0, 0], U_all, fit.U, "stationary train loss U"),
+                                 (ax[0, 1], S_all, fit.S, f"stationary entropy S (k = {K})")):
+        a.plot(g["lr"], raw, "o-", color="C0", label="stationary (last W logs)")
+        a.plot(fit.lrs, smooth, "-", color="C3", lw=2, label="smoothed, segment")
+        a.axvspan(fit.lrs[0], fit.lrs[-1], color="C3", alpha=0.08)
+        a.set_xscale("log")
+        a.set_xlabel(fg.ETA)
+        a.set_ylabel(name)
+    if S_uni is not None:
+        fg.off_scale_line(ax[0, 1], S_uni, S_all, "uniform on sphere")
+    for a in ax[0]:
+        a.legend()
+    fig.suptitle(f"stationary values, {label}")
+    res.figures.append(fg.save(fig, out_dir, f"fe_{s}_stationary.png"))
+
+    # 3. temperature intervals and power law
+    fig, ax = fg.figure(1, width=6)
+    a = ax[0, 0]
+    band = fg.positive(fit.lrs, fit.lower) & fg.positive(fit.lrs, fit.upper)
+    a.fill_between(fit.lrs[band], fit.lower[band], fit.upper[band], color="C0", alpha=0.3,
+                   label="T interval")
+    pos = fg.positive(fit.lrs, fit.T)
+    a.plot(fit.lrs[pos], fit.T[pos], "o", color="C0", label="estimate √(lower·upper)")
+    if fit.empty.any():
+        a.plot(fit.lrs[fit.empty & pos], fit.T[fit.empty & pos], "x", color="C3", ms=10,
+               label="empty interval")
+    if np.isfinite(fit.a):
+        a.plot(fit.lrs, fit.b * fit.lrs**fit.a, "k--",
+               label=fr"fit $T = {fit.b:.3g}\,\eta^{{{fit.a:.3f}}}$")
+    a.set_xscale("log")
+    a.set_yscale("log")
+    a.set_xlabel(fg.ETA)
+    a.set_ylabel("temperature T")
+    a.set_title(f"T(η), {label}, ε = {opts.eps}")
+    a.legend()
+    res.figures.append(fg.save(fig, out_dir, f"fe_{s}_temperature.png"))
+
+    # 4. free-energy curves F_i(η) = U(η) − T_i S(η)
+    F = free_energy_curves(fit.U, fit.S, fit.T)
+    seg_colors, seg_sm = fg.value_colors(fit.lrs)
+    fig, ax = fg.figure(1, width=6)
+    a = ax[0, 0]
+    for i in range(len(fit.lrs)):
+        if not np.all(np.isfinite(F[i])):
+            continue
+        f = F[i] - F[i].min()
+        a.plot(fit.lrs, f, "-", color=seg_colors[i], lw=1)
+        m = fit.minima[i]
+        a.plot(fit.lrs[m], f[m], "o", color=seg_colors[i], ms=6)
+        a.plot(fit.lrs[i], f[i], "s", mfc="none", mec=seg_colors[i], ms=8)
+    a.set_xscale("log")
+    a.set_xlabel(fg.ETA)
+    a.set_ylabel(r"$F_i(\eta) - \min F_i$")
+    a.set_title(f"free-energy curves (● minimum, □ own η_i), {label}")
+    fg.colorbar(fig, ax, seg_sm, label=r"$\eta_i$ of the curve's $T_i$")
+    res.figures.append(fg.save(fig, out_dir, f"fe_{s}_free_energy.png"))
+
+    # 5. OP temperature decay along training, smallest LRs whose U decreases steadily
+    rows, lines = [], []
+    for rid in g.index[:3]:
+        it, (Ut, St) = _series(sweep, rid, "train_loss", ent)
+        if it.size < 5 or not _steadily_decreasing(Ut[-100:]):
+            continue
+        Tt = temperature_along_training(Ut, St, delta=2, last=100)
+        m = min(100, it.size)
+        its = it[it.size - m + 2: it.size - m + 2 + Tt.size]
+        lr = float(g.loc[rid, "lr"])
+        rows += [{"run_id": rid, "lr": lr, "iteration": i, "T": t} for i, t in zip(its, Tt)]
+        lines.append((lr, its, Tt))
+    if lines:
+        fig, ax = fg.figure(1, width=6)
+        a = ax[0, 0]
+        for lr, its, Tt in lines:
+            keep = fg.positive(its, Tt)
+            a.plot(its[keep], Tt[keep], "o-", ms=3, label=f"η = {lr:.3g}")
+        a.set_xscale("log")
+        a.set_yscale("log")
+        a.set_xlabel("iteration t")
+        a.set_ylabel(r"$T_t = \Delta U / \Delta S$ (Δ = 2 logs)")
+        a.set_title(f"temperature along training, {label}")
+        a.legend()
+        res.figures.append(fg.save(fig, out_dir, f"fe_{s}_op_temperature.png"))
+        _write_table(pd.DataFrame(rows), out_dir, f"fe_{s}_op_temperature.csv", res)
+    else:
+        res.notes.append(f"group {label}: no member among the 3 smallest LRs has a steadily "
+                         "decreasing U; temperature along training not drawn")
+
+    # tables
+    seg_pos = {float(v): j for j, v in enumerate(fit.lrs)}
+    t = pd.DataFrame({"lr": lrs, "U": U, "S": S})
+    j = [seg_pos.get(float(v)) for v in lrs]
+    t["in_segment"] = [x is not None for x in j]
+    for col, arr in (("U_smooth", fit.U), ("S_smooth", fit.S), ("T_lower", fit.lower),
+                     ("T_upper", fit.upper), ("T", fit.T), ("empty", fit.empty)):
+        t[col] = [arr[x] if x is not None else np.nan for x in j]
+    t["F_min_lr"] = [fit.lrs[fit.minima[x]] if x is not None and fit.minima[x] >= 0 else np.nan
+                     for x in j]
+    _write_table(t, out_dir, f"fe_{s}.csv", res)
+    if not np.isfinite(fit.a):
+        res.notes.append(f"group {label}: no power-law fit: it needs ≥ 2 interior segment points "
+                         "with a positive temperature estimate")
+    interior = fit.minima[1:-1] == np.arange(1, len(fit.lrs) - 1)
+    res.summary_rows.append({
+        "group": label, "k": K, "exponent_a": fit.a, "prefactor_b": fit.b, "holds": bool(fit.holds),
+        "n_empty": int(fit.empty.sum()), "lr_lo": float(fit.lrs[0]), "lr_hi": float(fit.lrs[-1]),
+        "n_segment": int(len(fit.lrs)), "eps": opts.eps,
+        "F_minima_at_own_lr": f"{int(interior.sum())}/{interior.size}"})
+
+
+# -----------------------------------------------------------------------------
+# §6 SNR
+
+SNR_METRICS = ("full_grad_norm", "stoch_grad_mean_norm", "snr")
+
+
+def snr_section(sweep, out_dir, opts):
+    """THEORY.md §6: gradient norms and snr vs iteration and LR, gradient phase diagram."""
+    res = SectionResult("snr")
+    present = [m for m in SNR_METRICS if m in sweep.metric_names]
+    if not present:
+        raise Skip(f"no gradient metrics ({', '.join(SNR_METRICS)}) logged")
+    tab = member_table(sweep)
+    if "lr" not in tab.columns:
+        raise Skip("members have no lr param")
+    phase_ok = {"full_grad_norm", "stoch_grad_mean_norm"} <= set(present)
+    if not phase_ok:
+        res.notes.append("phase diagram needs full_grad_norm and stoch_grad_mean_norm; skipped")
+    exps = []
+    for label, g in group_members(tab, ("lr",)):
+        g = g.sort_values("lr")
+        s = slug(label)
+        colors, sm = fg.value_colors(g["lr"])
+        fig, ax = fg.figure(len(present))
+        for a, m in zip(ax[0], present):
+            _lr_lines(a, sweep, g, m)
+            a.set_ylabel({"full_grad_norm": r"$|\bar g|$", "stoch_grad_mean_norm": r"mean $|g_i|$",
+                          "snr": "snr"}[m])
+        fig.suptitle(f"gradient statistics, {label}")
+        fg.colorbar(fig, ax, sm)
+        res.figures.append(fg.save(fig, out_dir, f"snr_{s}_training.png"))
+        row = {"group": label}
+        if "snr" in g:
+            fig, ax = fg.figure(1)
+            keep = fg.positive(g["lr"], g["snr"])
+            ax[0, 0].plot(g["lr"][keep], g["snr"][keep], "o-")
+            ax[0, 0].set_xscale("log")
+            ax[0, 0].set_yscale("log")
+            ax[0, 0].set_xlabel(fg.ETA)
+            ax[0, 0].set_ylabel("stationary snr")
+            ax[0, 0].set_title(f"stationary snr, {label}")
+            res.figures.append(fg.save(fig, out_dir, f"snr_{s}_stationary.png"))
+            row["snr_at_lr_min"] = float(g["snr"].iloc[0])
+            row["snr_at_lr_max"] = float(g["snr"].iloc[-1])
+        if phase_ok:
+            fig, ax = fg.figure(1, width=6)
+            for (rid, m), c in zip(g.iterrows(), colors):
+                it, (full, stoch) = _series(sweep, rid, "full_grad_norm", "stoch_grad_mean_norm")
+                n_it = m.get("iterations")
+                n_it = int(n_it) if n_it is not None and np.isfinite(n_it) else int(it.max(initial=0))
+                thr = default_phase_threshold(max(n_it, 1))
+                e = {"group": label, "run_id": rid, "lr": float(m["lr"]), "threshold": thr,
+                     "samples_per_label": m.get("samples_per_label"),
+                     "n_points": int((it >= thr).sum())}
+                try:
+                    e["exponent_a"], e["intercept_b"] = gradient_phase_exponent(full, stoch, it, thr)
+                except ValueError as err:
+                    e["exponent_a"] = e["intercept_b"] = float("nan")
+                    res.notes.append(f"{rid} (lr={m['lr']:.4g}): phase fit skipped: {err}")
+                exps.append(e)
+                k = (it >= thr) & fg.positive(full, stoch)
+                ax[0, 0].plot(full[k], stoch[k], ".", color=c, ms=4)
+                if np.isfinite(e["exponent_a"]) and k.any():
+                    x = np.geomspace(full[k].min(), full[k].max(), 20)
+                    ax[0, 0].plot(x, np.exp(e["intercept_b"]) * x ** e["exponent_a"], "-", color=c, lw=1)
+            ax[0, 0].set_xscale("log")
+            ax[0, 0].set_yscale("log")
+            ax[0, 0].set_xlabel(r"full gradient norm $|\bar g|$")
+            ax[0, 0].set_ylabel(r"mean stochastic gradient norm")
+            first = [e for e in exps if e["group"] == label]
+            if first:
+                ax[0, 0].set_title(f"gradient phase diagram, {label}\n"
+                                   f"smallest LR: a = {first[0]['exponent_a']:.3f}")
+                row.update(lr_min=first[0]["lr"], exponent_a=first[0]["exponent_a"],
+                           intercept_b=first[0]["intercept_b"], threshold=first[0]["threshold"])
+            fg.colorbar(fig, ax, sm)
+            res.figures.append(fg.save(fig, out_dir, f"snr_{s}_phase.png"))
+        res.summary_rows.append(row)
+    if exps:
+        e = pd.DataFrame(exps)
+        _write_table(e, out_dir, "snr_phase_exponents.csv", res)
+        spl = e.dropna(subset=["samples_per_label"])
+        if spl["samples_per_label"].nunique() >= 2:
+            first = spl.sort_values("lr").groupby("group", sort=False).head(1).sort_values(
+                "samples_per_label")
+            fig, ax = fg.figure(1)
+            ax[0, 0].plot(first["samples_per_label"], first["exponent_a"], "o-")
+            ax[0, 0].axhline(1.0, color="k", ls="--", lw=1, label="interpolation (a = 1)")
+            ax[0, 0].set_xscale("log")
+            ax[0, 0].set_xlabel("samples per label")
+            ax[0, 0].set_ylabel("phase exponent a (smallest LR)")
+            ax[0, 0].legend()
+            res.figures.append(fg.save(fig, out_dir, "snr_exponent_vs_subset.png"))
+            _write_table(first, out_dir, "snr_exponent_vs_subset.csv", res)
+        else:
+            res.notes.append("exponent vs samples_per_label not drawn: the sweep has < 2 subset sizes")
+    return res
+
+
+# -----------------------------------------------------------------------------
+# §7 ideal gas
+
+def _heatmap(ax, x, y, z, xlabel, ylabel, title, fig, zlabel):
+    xs, ys = np.unique(x), np.unique(y)
+    grid = np.full((ys.size, xs.size), np.nan)
+    grid[np.searchsorted(ys, y), np.searchsorted(xs, x)] = z
+    im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis")
+    ax.set_xticks(range(xs.size), [f"{v:.2g}" for v in xs], rotation=60, fontsize=8)
+    ax.set_yticks(range(ys.size), [f"{v:.2g}" for v in ys], fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label=zlabel)
+
+
+def ideal_gas_section(sweep, out_dir, opts):
+    """THEORY.md §7: T, σ², S_full; radius (V1); effective pressure; Maxwell (V3); potentials (V2)."""
+    res = SectionResult("ideal_gas")
+    names = sweep.metric_names
+    S_key = "entropy_kl_full" if "entropy_kl_full" in names else None
+    if S_key is None:
+        raise Skip("no KL entropy (entropy_kl_full) logged; the ideal-gas analysis (§7) needs the "
+                   "KL estimator on the full space")
+    if not ({"trace_sigma", "sigma2"} & set(names)):
+        raise Skip("neither trace_sigma nor sigma2 logged; T needs σ² (§3)")
+    tab = member_table(sweep)
+    for need in ("protocol", "lr", "D"):
+        if need not in tab.columns:
+            raise Skip(f"members have no {need} param")
+    tab = tab[tab["protocol"].isin(ig.PROTOCOLS)]
+    if tab.empty:
+        raise Skip(f"no member with a protocol in {ig.PROTOCOLS}")
+    skipped = []
+    for label, g in group_members(tab, ("lr", "wd", "r0")):
+        try:
+            _ideal_gas_group(sweep, out_dir, opts, res, label, g, S_key)
+        except Skip as e:
+            skipped.append(f"group {label}: {e}")
+    res.notes += skipped
+    if not res.summary_rows:
+        raise Skip("; ".join(skipped) or "no group of members")
+    return res
+
+
+def _ideal_gas_group(sweep, out_dir, opts, res, label, g, S_key):
+    s = slug(label)
+    protocol = g["protocol"].iloc[0]
+    D = int(g["D"].iloc[0])
+    t = pd.DataFrame({"run_id": g.index, "lr": g["lr"].to_numpy(float)})
+    t["wd"] = g["wd"].to_numpy(float) if "wd" in g else 0.0
+    t["r0"] = g["r0"].to_numpy(float) if "r0" in g else 1.0
+    col = lambda k: g[k].to_numpy(float) if k in g else np.full(len(g), np.nan)  # noqa: E731
+    tr, G2 = col("trace_sigma"), col("grad_sq")
+    # §3: tr Σ averaged over the stationary logs first, then divided by D − 1
+    t["sigma2"] = np.where(np.isfinite(tr), tr / (D - 1), col("sigma2"))
+    t["trace_sigma"], t["grad_sq"] = tr, G2
+    t["S_full"], t["radius"], t["U"] = col(S_key), col("radius"), col("train_loss")
+    if protocol != "fixed_sphere":
+        bad = ~(t["wd"] > 0)
+        if bad.any():
+            res.notes.append(f"group {label}: {int(bad.sum())} member(s) with wd = 0 dropped "
+                             f"({protocol} needs λ > 0)")
+            t = t[~bad].reset_index(drop=True)
+    if len(t) < 2:
+        raise Skip(f"only {len(t)} usable member(s)")
+    t["T"] = ig.temperature(protocol, t["lr"], t["wd"] if protocol == "fixed_lr" else 0.0,
+                            t["sigma2"], D)
+    second = "r0" if protocol == "fixed_sphere" else "wd"
+    sec_sym = r"$r_0$" if second == "r0" else r"weight decay $\lambda$"
+    row = {"group": label, "protocol": protocol, "D": D, "n_members": len(t)}
+
+    # state variables vs LR and vs the second axis
+    qty = [("T", "temperature T", True), ("sigma2", r"$\sigma^2$", True),
+           ("S_full", r"$S_\mathrm{full}$", False)]
+    fig, ax = fg.figure(3, 2)
+    for r, (xkey, lines_key, xlab) in enumerate((("lr", second, fg.ETA), (second, "lr", sec_sym))):
+        colors, sm = fg.value_colors(np.sort(t[lines_key].unique()))
+        for c, (v, sub) in zip(colors, t.sort_values(xkey).groupby(lines_key, sort=True)):
+            for a, (k, name, ylog) in zip(ax[r], qty):
+                keep = fg.positive(sub[xkey], sub[k]) if ylog else np.isfinite(sub[k]) & (sub[xkey] > 0)
+                a.plot(sub[xkey][keep], sub[k][keep], "o-", color=c, ms=4)
+        for a, (k, name, ylog) in zip(ax[r], qty):
+            a.set_xscale("log")
+            if ylog:
+                a.set_yscale("log")
+            a.set_xlabel(xlab)
+            a.set_ylabel(name)
+        fg.colorbar(fig, ax[r], sm, label=sec_sym if lines_key == second else fg.ETA)
+    fig.suptitle(f"{protocol}, {label}")
+    res.figures.append(fg.save(fig, out_dir, f"ig_{s}_state.png"))
+
+    # V1: stationary radius (fixed ELR / LR)
+    if protocol != "fixed_sphere":
+        t["r_sde"] = ig.radius_sde(protocol, t["lr"], t["wd"], t["sigma2"], D)
+        t["r_discrete"] = (ig.radius_discrete(protocol, t["lr"], t["wd"], t["trace_sigma"], t["grad_sq"])
+                           if np.isfinite(G2).any() else np.nan)
+        if np.isfinite(t["radius"]).any():
+            fig, ax = fg.figure(1, width=6)
+            for k, mk in (("r_sde", "o"), ("r_discrete", "s")):
+                ax[0, 0].plot(t[k], t["radius"], mk, mfc="none", label=k.replace("_", " "))
+                row[f"{k}_rel_err_median"] = _nanmedian(_rel_err(t["radius"], t[k]))
+            fg.identity_line(ax[0, 0], np.r_[t["radius"], t["r_sde"]])
+            ax[0, 0].set_xscale("log")
+            ax[0, 0].set_yscale("log")
+            ax[0, 0].set_xlabel(r"predicted radius $r^*$")
+            ax[0, 0].set_ylabel(r"measured stationary radius $r$")
+            ax[0, 0].set_title(f"V1 radius, {label}")
+            ax[0, 0].legend()
+            res.figures.append(fg.save(fig, out_dir, f"ig_{s}_radius.png"))
+        else:
+            res.notes.append(f"group {label}: no radius metric; V1 radius check skipped")
+
+    # fixed sphere: effective pressure from the pre-projection radius
+    if protocol == "fixed_sphere":
+        rp = sweep.running if "radius_preproj" in sweep.running.columns else None
+        if rp is None:
+            res.notes.append(f"group {label}: no running/radius_preproj; effective pressure skipped")
+        else:
+            r_tilde, n_used = [], []
+            for rid in t["run_id"]:
+                v = rp.loc[rp["run_id"] == rid, "radius_preproj"].dropna().to_numpy(float)
+                v = v[-opts.pressure_last:]
+                r_tilde.append(v.mean() if v.size else np.nan)
+                n_used.append(v.size)
+            t["r_tilde"], t["n_running"] = r_tilde, n_used
+            t["p_measured"] = ig.effective_pressure(t["r_tilde"], t["r0"], t["lr"])
+            t["p_predicted"] = ig.effective_pressure_prediction(t["T"], D, t["r0"])
+            t["p_discrete"] = ig.effective_pressure_discrete(t["lr"], t["trace_sigma"], t["grad_sq"], t["r0"])
+            if min(n_used) < opts.pressure_last:
+                res.notes.append(f"group {label}: r̃ averaged over {min(n_used)}–{max(n_used)} running "
+                                 f"logs (fewer than {opts.pressure_last}: short run)")
+            fig, ax = fg.figure(1, width=6)
+            for k, mk in (("p_predicted", "o"), ("p_discrete", "s")):
+                ax[0, 0].plot(t[k], t["p_measured"], mk, mfc="none", label=k.replace("_", " "))
+                row[f"{k}_rel_err_median"] = _nanmedian(_rel_err(t["p_measured"], t[k]))
+            fg.identity_line(ax[0, 0], np.r_[t["p_measured"], t["p_predicted"]])
+            ax[0, 0].set_xscale("log")
+            ax[0, 0].set_yscale("log")
+            ax[0, 0].set_xlabel(r"predicted $\lambda_\mathrm{eff}$")
+            ax[0, 0].set_ylabel(r"measured $\lambda_\mathrm{eff} = (\tilde r - r_0)/(\eta_\mathrm{eff} r_0^3)$")
+            ax[0, 0].set_title(f"effective pressure, {label}")
+            ax[0, 0].legend()
+            res.figures.append(fg.save(fig, out_dir, f"ig_{s}_pressure.png"))
+
+    # V3: Maxwell relation (fixed ELR / LR)
+    if protocol != "fixed_sphere":
+        ok = np.isfinite(t["S_full"]).to_numpy()
+        try:
+            mf = ig.maxwell_fit(np.log(t["lr"][ok]), np.log(t["wd"][ok]), t["S_full"][ok], D, protocol)
+        except ValueError as e:
+            res.notes.append(f"group {label}: Maxwell fit skipped: {e}")
+        else:
+            row.update(maxwell_r2=mf.r2, ratio_1=mf.ratios[0], ratio_2=mf.ratios[1],
+                       ratio_3=mf.ratios[2], rel_err_max=mf.rel_err_max, rel_err_mean=mf.rel_err_mean)
+            res.notes.append(f"group {label}: Maxwell coefficients c0..c5 = "
+                             + ", ".join(f"{c:.5g}" for c in mf.coef))
+            t.loc[ok, "maxwell_rel_err"] = mf.rel_err
+            fig, ax = fg.figure(2, width=6.2)
+            tt = t[ok]
+            colors, sm = fg.value_colors(tt["lr"].unique())
+            c0, c1, c2, c3, c4, c5 = mf.coef
+            for c, (lr, sub) in zip(colors, tt.sort_values("wd").groupby("lr", sort=True)):
+                y = np.log(sub["wd"].to_numpy())
+                ax[0, 0].plot(y, sub["S_full"], "o", color=c, ms=4)
+                yy = np.linspace(y.min(), y.max(), 30)
+                x = math.log(lr)
+                ax[0, 0].plot(yy, c0 + c1 * x + c2 * yy + c3 * x * x + c4 * yy**2 + c5 * x * yy, "-",
+                              color=c, lw=1)
+            ax[0, 0].set_xlabel(r"$\ln\lambda$")
+            ax[0, 0].set_ylabel(r"$S_\mathrm{full}$ (points) and quadratic fit (lines)")
+            ax[0, 0].set_title(f"Maxwell fit, R² = {mf.r2:.4f}")
+            fg.colorbar(fig, ax[0, 0], sm)
+            _heatmap(ax[0, 1], tt["lr"].to_numpy(), tt["wd"].to_numpy(), mf.rel_err, fg.ETA,
+                     r"$\lambda$", "relative error of the Maxwell relation", fig, "relative error")
+            res.figures.append(fg.save(fig, out_dir, f"ig_{s}_maxwell.png"))
+
+    # V2: potential minimisation, toy models only
+    model = g["model"].iloc[0] if "model" in g else None
+    if model != "vmf":
+        res.notes.append(f"group {label}: potential (V2) map skipped: toy models only (model = {model})")
+    else:
+        ok = (np.isfinite(t["U"]) & np.isfinite(t["S_full"]) & np.isfinite(t["T"])).to_numpy()
+        tt = t[ok]
+        if len(tt) < 2:
+            res.notes.append(f"group {label}: potential map skipped: needs train_loss and {S_key}")
+        else:
+            if protocol == "fixed_sphere":
+                rank, gap = ig.potential_ranks(tt["U"], tt["S_full"], None, tt["T"], None, groups=tt["r0"])
+                kind = "Helmholtz F = U − T S (same r0)"
+            else:
+                rank, gap = ig.potential_ranks(tt["U"], tt["S_full"], tt["radius"] ** 2 / 2, tt["T"], tt["wd"])
+                kind = "Gibbs G = U − T S + pV"
+            t.loc[ok, "potential_rank"], t.loc[ok, "potential_gap"] = rank, gap
+            row.update(potential=kind.split()[0], frac_own_minimum=float(np.mean(rank == 0)),
+                       max_rank=int(rank.max()), mean_gap=float(np.mean(gap)))
+            fig, ax = fg.figure(2, width=6.2)
+            _heatmap(ax[0, 0], tt["lr"].to_numpy(), tt[second].to_numpy(), rank, fg.ETA, sec_sym,
+                     f"rank of own configuration\n{kind}", fig, "rank (0 = minimiser)")
+            _heatmap(ax[0, 1], tt["lr"].to_numpy(), tt[second].to_numpy(), gap, fg.ETA, sec_sym,
+                     "gap to the minimum", fig, "gap")
+            res.figures.append(fg.save(fig, out_dir, f"ig_{s}_potential.png"))
+
+    _write_table(t, out_dir, f"ig_{s}.csv", res)
+    res.summary_rows.append(row)
+
+
+for _fn in (free_energy_section, snr_section, ideal_gas_section):
+    register_section(_fn)
+
+
+# -----------------------------------------------------------------------------
+# driver
+
+def run_section(fn, sweep, out_dir, opts) -> SectionResult:
+    name = getattr(fn, "__name__", "section").removesuffix("_section")
+    try:
+        res = fn(sweep, out_dir, opts)
+    except Skip as e:
+        res = SectionResult(name, skipped_reason=str(e))
+    except Exception as e:  # noqa: BLE001 - one broken section must not stop the report
+        traceback.print_exc(file=sys.stderr)
+        res = SectionResult(name, skipped_reason=f"error: {type(e).__name__}: {e}")
+    finally:
+        plt.close("all")
+    if res.skipped_reason:
+        print(f"[{res.name}] skipped: {res.skipped_reason}")
+    else:
+        print(f"[{res.name}] {len(res.figures)} figure(s), {len(res.tables)} table(s)")
+    return res
+
+
+def build_report(sweep: Sweep, out_dir, opts: Options, sections=None) -> list:
+    """Run every section into ``out_dir`` and write summary.md / summary.csv; return the results."""
+    os.makedirs(out_dir, exist_ok=True)
+    results = [run_section(fn, sweep, out_dir, opts) for fn in (SECTIONS if sections is None else sections)]
+    sweep.members.to_csv(os.path.join(out_dir, "members.csv"))
+    sweep.stationary.to_csv(os.path.join(out_dir, "stationary.csv"))
+    rows = [{"section": r.name, **row} for r in results for row in r.summary_rows]
+    pd.DataFrame(rows).to_csv(os.path.join(out_dir, "summary.csv"), index=False)
+    with open(os.path.join(out_dir, "summary.md"), "w") as f:
+        f.write(_summary_md(sweep, opts, results))
+    return results
+
+
+def _summary_md(sweep, opts, results) -> str:
+    p = sweep.parent
+    lines = [f"# Sweep report: {sweep.experiment}", "",
+             f"- parent run: {p['run_id'] if p else '(none)'}"
+             + (f" (sweep status {p['tags'].get('thermosweep.sweep_status', '?')})" if p else ""),
+             f"- members: {len(sweep.members)}, in the stationary analysis: {len(sweep.stationary)}",
+             f"- stationary window W (logs): "
+             + ", ".join(str(w) for w in sorted(set(sweep.stationary.get("window", pd.Series()).tolist()))),
+             f"- options: ε = {opts.eps}, lr range = {opts.lr_range or 'automatic'}, k ≤ {opts.k_max}"]
+    lines += [f"- note: {n}" for n in sweep.notes]
+    if sweep.excluded:
+        lines += ["", "## Excluded members", ""]
+        lines += [f"- {rid} (lr = {sweep.members.loc[rid].get('lr', '?')}): {why}"
+                  for rid, why in sweep.excluded.items()]
+    running = sweep.members.index[sweep.members["running"]]
+    if len(running):
+        lines += ["", "## Members still running (provisional values)", ""]
+        lines += [f"- {rid}" for rid in running]
+    for r in results:
+        lines += ["", f"## {r.name}", ""]
+        if r.skipped_reason:
+            lines.append(f"**Skipped:** {r.skipped_reason}")
+            continue
+        if r.summary_rows:
+            lines += [md_table(r.summary_rows), ""]
+        lines += [f"- {n}" for n in r.notes]
+        if r.tables:
+            lines += ["", "Tables: " + ", ".join(f"[{t}]({t})" for t in r.tables)]
+        lines += [""] + [f"![{fig}]({fig})" for fig in r.figures]
+    return "\n".join(lines) + "\n"
+
+
+def upload(sweep: Sweep, out_dir) -> str | None:
+    """Log ``out_dir`` to the parent run under ``report/``; returns the parent run id."""
+    if sweep.parent is None:
+        return None
+    from mlflow.tracking import MlflowClient
+    MlflowClient(tracking_uri=sweep.tracking_uri).log_artifacts(
+        sweep.parent["run_id"], out_dir, artifact_path="report")
+    return sweep.parent["run_id"]
+
+
+def _load_plugins():
+    for name in PLUGINS:
+        try:
+            if importlib.util.find_spec(name) is not None:
+                importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001
+            print(f"warning: could not import report plugin {name}: {e}", file=sys.stderr)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.split("\n")[0])
+    ap.add_argument("--experiment", required=True, help="MLflow experiment name (the grid's experiment)")
+    ap.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's own)")
+    ap.add_argument("--out", default=None, help="output folder (default reports/NAME)")
+    ap.add_argument("--parent-run", default=None, help="parent run id (default: newest sweep run)")
+    ap.add_argument("--window", type=int, default=None,
+                    help="stationary window W in logs (default 50; 30 for the ideal_gas schedule)")
+    ap.add_argument("--eps", type=float, default=0.01, help="§5 tolerance ε (default 0.01)")
+    ap.add_argument("--lr-range", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                    help="§5 stationary segment by LR (both ends included); default automatic")
+    ap.add_argument("--k", type=int, default=50, help="k-NN entropy k (largest logged k ≤ this)")
+    ap.add_argument("--uniform-n", type=int, default=None,
+                    help="samples for the uniform-sphere entropy reference (default: the knn window N)")
+    ap.add_argument("--no-upload", action="store_true", help="do not attach the report to the parent run")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.eps < 0 or (args.window is not None and args.window < 1) or (
+            args.lr_range and not 0 < args.lr_range[0] <= args.lr_range[1]):
+        print("error: need --eps ≥ 0, --window ≥ 1 and --lr-range LO HI with 0 < LO ≤ HI", file=sys.stderr)
+        return 2
+    opts = Options(eps=args.eps, lr_range=tuple(args.lr_range) if args.lr_range else None,
+                   k_max=args.k, uniform_n=args.uniform_n)
+    try:
+        sweep = load_experiment(args.experiment, tracking_uri=args.tracking_uri,
+                                stationary_window=args.window, parent_run=args.parent_run)
+    except SweepNotFound as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out_dir = args.out or os.path.join("reports", args.experiment)
+    _load_plugins()
+    build_report(sweep, out_dir, opts)
+    print(f"report written to {out_dir}/summary.md")
+    if args.no_upload:
+        return 0
+    if sweep.parent is None:
+        print("no parent run: report not uploaded", file=sys.stderr)
+        return 0
+    try:
+        rid = upload(sweep, out_dir)
+        print(f"attached to parent run {rid} under artifacts/report")
+    except Exception as e:  # noqa: BLE001
+        print(f"warning: upload to the parent run failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,358 @@
+"""End-to-end tests of analysis.load and analysis.report on a synthetic MLflow store.
+
+The store (SQLite under tmp_path) is written with MlflowClient in the docs/DESIGN.md layout:
+  * fe_sweep     – fixed_sphere ConvNet(8), 8 LRs whose stationary (U, S) follow the exact
+                   free-energy family S = C ln η, U = (b C / a) η^a (so T = b η^a), plus one
+                   converging small LR; gradient norms with stoch = e^B · full^A_PH exactly.
+  * ig_sweep     – fixed_elr vMF toy over lr × wd with S_full an exact Maxwell quadratic
+                   (∂S/∂ln λ = −(D − 1)/2) plus small per-member noise.
+  * broken_sweep – a diverged member, a member without entropy, a running member, no gradients.
+Expected numbers are computed here from the generated arrays with the formula modules.
+"""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+mlflow = pytest.importorskip("mlflow")
+from mlflow.entities import Metric, Param  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from analysis.free_energy import fit_temperature  # noqa: E402
+from analysis.ideal_gas import maxwell_fit  # noqa: E402
+from analysis.load import Sweep, _fetch_histories, load_experiment  # noqa: E402
+from analysis.report import (Options, SectionResult, build_report, ideal_gas_section,  # noqa: E402
+                             main)
+from trainables.schedule import log_iterations  # noqa: E402
+
+A_TRUE, B_TRUE, C_S = 0.85, 3.9e-3, 50.0
+A_PH, B_PH = 0.78, 0.5
+FE_LRS = np.logspace(-4, -2, 8)
+LR_CONV = 1e-5                           # converging member, outside the segment
+FE_ITERS, FE_SCHED, D_FE = 3000, "log:100", 24408
+IG_LRS, IG_WDS, D_IG = np.logspace(-3, -1, 4), np.logspace(-3, -1, 4), 3
+IG_ITERS = 10000
+MAXWELL = (2.0, 1.0, -(D_IG - 1) / 2, 0.05, 0.0, 0.0)   # c0..c5, c4 = c5 = 0: relation exact
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _params(**kw):
+    base = {"model": "convnet", "width": 8, "dataset": "digits", "samples_per_label": None,
+            "loss": "ce", "protocol": "fixed_sphere", "lr": 0.01, "wd": 0.0, "radius": 1.0,
+            "batch_size": 128, "iterations": FE_ITERS, "seed": 0, "log_schedule": FE_SCHED,
+            "running_every": 50, "num_stoch_grads": 1000,
+            "entropy": [{"name": "knn", "window": 1000, "stride": 1, "ks": [20, 50]}]}
+    base.update(kw)
+    return base
+
+
+def _log_member(client, exp_id, parent_id, params, metrics, status="done", regime="stationary",
+                run_status="FINISHED"):
+    """metrics: name -> (iterations, values); names may start with running/."""
+    run = client.create_run(exp_id, tags={"mlflow.parentRunId": parent_id,
+                                          "thermosweep.role": "member",
+                                          "thermosweep.status": status,
+                                          "thermosweep.regime": regime})
+    rid = run.info.run_id
+    items = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) or v is None else str(v))
+             for k, v in params.items()]
+    ms = [Metric(k, float(v), 1000 + int(t), int(t)) for k, (its, vals) in metrics.items()
+          for t, v in zip(its, vals)]
+    n0 = 1000 - len(items)                       # log_batch takes ≤ 1000 entries in all
+    client.log_batch(rid, params=items, metrics=ms[:n0])
+    for a in range(n0, len(ms), 1000):
+        client.log_batch(rid, metrics=ms[a:a + 1000])
+    if run_status != "RUNNING":
+        client.set_terminated(rid, run_status)
+    return rid
+
+
+def _parent(client, exp_id):
+    run = client.create_run(exp_id, tags={"thermosweep.role": "sweep",
+                                          "thermosweep.sweep_status": "finished"})
+    return run.info.run_id
+
+
+def _fe_member_metrics(lr, rng, entropy=True, grads=True):
+    its = np.array(log_iterations(FE_SCHED, FE_ITERS), dtype=float)
+    ent_its = its[its >= 100]                      # entropy only once its window is complete
+    if lr == LR_CONV:                              # converging: U and S keep falling
+        U = 0.3 * (its + 10) ** -0.5
+        S = -700.0 - 30.0 * np.log(ent_its)
+    else:
+        U = B_TRUE * C_S / A_TRUE * lr**A_TRUE + 0.7 + 0.5 * np.exp(-its / 30)
+        U = U + rng.normal(0, 1e-7, its.size)
+        S = C_S * np.log(lr) - 3.0 * np.exp(-ent_its / 30) + rng.normal(0, 1e-4, ent_its.size)
+    full = 0.1 * lr**0.3 * (its + 1) ** -0.3
+    m = {"train_loss": (its, U), "radius": (its, np.ones_like(its)),
+         "running/radius_preproj": (np.arange(50, FE_ITERS + 1, 50), 1 + lr * np.ones(60))}
+    if entropy:
+        m["entropy_knn_k50"] = (ent_its, S)
+        m["entropy_knn_k20"] = (ent_its, S - 5)
+    if grads:
+        m["full_grad_norm"] = (its, full)
+        m["stoch_grad_mean_norm"] = (its, np.exp(B_PH) * full**A_PH)
+        m["snr"] = (its, 0.2 * lr**0.5 + 0.1 * np.exp(-its / 100))
+    return m
+
+
+def _ig_member_metrics(lr, wd, rng):
+    its = np.array(log_iterations("ideal_gas", IG_ITERS), dtype=float)
+    x, y = np.log(lr), np.log(wd)
+    c0, c1, c2, c3, c4, c5 = MAXWELL
+    S = c0 + c1 * x + c2 * y + c3 * x * x + c4 * y * y + c5 * x * y + rng.normal(0, 0.01)
+    sigma2 = 0.8 + 0.05 * x
+    T = lr * sigma2 / 2
+    r = np.sqrt(T * (D_IG - 1) / wd) * 1.02
+    ones = np.ones_like(its)
+    return {"entropy_kl_full": (its, S * ones + rng.normal(0, 1e-3, its.size)),
+            "trace_sigma": (its, sigma2 * (D_IG - 1) * ones),
+            "grad_sq": (its, 0.01 * ones), "radius": (its, r * ones),
+            "train_loss": (its, (1 - 1 / (1 + T)) * ones)}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    rng = np.random.default_rng(0)
+    info = {"uri": uri, "root": root, "fe": {}, "ig": {}}
+
+    exp = client.create_experiment("fe_sweep", artifact_location=(root / "art_fe").as_uri())
+    pid = _parent(client, exp)
+    info["fe_parent"] = pid
+    for lr in [LR_CONV, *FE_LRS]:
+        m = _fe_member_metrics(lr, rng)
+        rid = _log_member(client, exp, pid, _params(lr=lr, D=D_FE), m,
+                          status="converged" if lr == LR_CONV else "done")
+        info["fe"][lr] = (rid, m)
+
+    exp = client.create_experiment("ig_sweep", artifact_location=(root / "art_ig").as_uri())
+    pid = _parent(client, exp)
+    info["ig_parent"] = pid
+    for lr in IG_LRS:
+        for wd in IG_WDS:
+            m = _ig_member_metrics(lr, wd, rng)
+            p = _params(model="vmf", dim=3, protocol="fixed_elr", lr=lr, wd=wd, D=D_IG,
+                        iterations=IG_ITERS, log_schedule="ideal_gas",
+                        entropy=[{"name": "kl", "window": 1000, "stride": 50}])
+            info["ig"][(lr, wd)] = (_log_member(client, exp, pid, p, m), m)
+
+    exp = client.create_experiment("broken_sweep", artifact_location=(root / "art_br").as_uri())
+    pid = _parent(client, exp)
+    info["broken_parent"] = pid
+    lrs = np.logspace(-4, -2, 5)
+    for i, lr in enumerate(lrs):
+        m = _fe_member_metrics(lr, rng, entropy=(i != 1), grads=False)
+        kw = {}
+        if i == 0:   # diverged: stopped early
+            m = {k: (its[:20], v[:20]) for k, (its, v) in m.items()}
+            kw = {"status": "diverged", "regime": "diverged", "run_status": "FINISHED"}
+        if i == 4:
+            kw = {"status": "running", "regime": None, "run_status": "RUNNING"}
+        run_kw = {k: v for k, v in kw.items() if k != "regime"}
+        rid = _log_member(client, exp, pid, _params(lr=lr, D=D_FE), m,
+                          regime=kw.get("regime", "stationary") or "stationary", **run_kw)
+        info.setdefault("broken", []).append(rid)
+    return info
+
+
+def _tail_mean(metrics, key, w):
+    return float(np.mean(metrics[key][1][-w:]))
+
+
+def _is_png(path):
+    data = path.read_bytes()
+    return data[:8] == PNG and len(data) > 5000
+
+
+# -----------------------------------------------------------------------------
+
+def test_load_experiment_parses_layout(store):
+    sw = load_experiment("fe_sweep", tracking_uri=store["uri"])
+    assert sw.parent["run_id"] == store["fe_parent"]
+    assert len(sw.members) == 9 and not sw.excluded
+    rid, m = store["fe"][FE_LRS[3]]
+    row = sw.members.loc[rid]
+    assert isinstance(row["lr"], float) and row["lr"] == pytest.approx(FE_LRS[3], rel=1e-12)
+    assert row["width"] == 8 and isinstance(row["width"], (int, np.integer)) and row["D"] == D_FE
+    assert row["samples_per_label"] is None and row["entropy"][0]["ks"] == [20, 50]
+    assert row["status"] == "done" and row["regime"] == "stationary" and not row["running"]
+    # series: one row per (member, log step); entropy NaN before its window is complete
+    s = sw.series[sw.series["run_id"] == rid].set_index("iteration")
+    its, U = m["train_loss"]
+    assert len(s) == its.size and np.allclose(s.loc[its, "train_loss"], U, rtol=0, atol=1e-12)
+    assert s.loc[its[its < 100], "entropy_knn_k50"].isna().all()
+    r = sw.running[sw.running["run_id"] == rid]
+    assert len(r) == 60 and "radius_preproj" in r.columns
+    # stationary: last W = 50 logs of each metric (log:N schedule), counted per metric
+    st = sw.stationary.loc[rid]
+    assert st["window"] == 50
+    assert st["train_loss"] == pytest.approx(_tail_mean(m, "train_loss", 50), rel=1e-12)
+    assert st["entropy_knn_k50"] == pytest.approx(_tail_mean(m, "entropy_knn_k50", 50), rel=1e-12)
+    sw30 = load_experiment("ig_sweep", tracking_uri=store["uri"])
+    rid, m = store["ig"][(IG_LRS[0], IG_WDS[0])]
+    assert sw30.stationary.loc[rid, "window"] == 30
+    assert sw30.stationary.loc[rid, "entropy_kl_full"] == pytest.approx(
+        _tail_mean(m, "entropy_kl_full", 30), rel=1e-12)
+    # an explicit parent run; a wrong one is a clear error
+    same = load_experiment("fe_sweep", tracking_uri=store["uri"], parent_run=store["fe_parent"])
+    assert sorted(same.members.index) == sorted(sw.members.index)
+    with pytest.raises(ValueError, match="belongs to experiment"):
+        load_experiment("fe_sweep", tracking_uri=store["uri"], parent_run=store["ig_parent"])
+    # the per-(run, key) fallback (stores without a bulk query) returns the same histories
+    client = MlflowClient(tracking_uri=store["uri"])
+
+    class NoBulk:                       # hides the SQL store, like a REST client would
+        get_metric_history = client.get_metric_history
+
+    keys = {r: ["train_loss", "entropy_knn_k50"] for r in list(sw.members.index)[:3]}
+    a = _fetch_histories(client, keys).sort_values(["run_id", "key", "step"], ignore_index=True)
+    b = _fetch_histories(NoBulk(), keys).sort_values(["run_id", "key", "step"], ignore_index=True)
+    assert len(a) > 0
+    pd.testing.assert_frame_equal(a[["run_id", "key", "step", "value"]], b[["run_id", "key", "step", "value"]])
+    sw7 = load_experiment("fe_sweep", tracking_uri=store["uri"], stationary_window=7)
+    rid, m = store["fe"][FE_LRS[0]]
+    assert sw7.stationary.loc[rid, "train_loss"] == pytest.approx(_tail_mean(m, "train_loss", 7))
+
+
+def test_free_energy_and_snr_report(store, tmp_path):
+    out = tmp_path / "rep"
+    rc = main(["--experiment", "fe_sweep", "--tracking-uri", store["uri"], "--out", str(out),
+               "--eps", "1e-6", "--lr-range", "1e-4", "1e-2", "--uniform-n", "100"])
+    assert rc == 0
+    for name in ("fe_all_training.png", "fe_all_stationary.png", "fe_all_temperature.png",
+                 "fe_all_free_energy.png", "fe_all_op_temperature.png", "snr_all_training.png",
+                 "snr_all_stationary.png", "snr_all_phase.png"):
+        assert _is_png(out / name), name
+    summary = pd.read_csv(out / "summary.csv")
+    fe = summary[summary["section"] == "free_energy"].iloc[0]
+    # expected: the same fit on stationary values computed here from the generated arrays
+    lrs = np.array([LR_CONV, *FE_LRS])
+    U = np.array([_tail_mean(store["fe"][lr][1], "train_loss", 50) for lr in lrs])
+    S = np.array([_tail_mean(store["fe"][lr][1], "entropy_knn_k50", 50) for lr in lrs])
+    fit = fit_temperature(lrs, U, S, eps=1e-6, lr_range=(1e-4, 1e-2))
+    assert fe["exponent_a"] == pytest.approx(fit.a, rel=1e-6)
+    assert fe["prefactor_b"] == pytest.approx(fit.b, rel=1e-6)
+    assert fe["exponent_a"] == pytest.approx(A_TRUE, abs=0.01)
+    assert fe["prefactor_b"] == pytest.approx(B_TRUE, rel=0.1)
+    assert bool(fe["holds"]) and fe["n_empty"] == 0 and fe["k"] == 50 and fe["n_segment"] == 8
+    assert fe["lr_lo"] == pytest.approx(1e-4) and fe["lr_hi"] == pytest.approx(1e-2)
+    table = pd.read_csv(out / "fe_all.csv")
+    assert table["in_segment"].sum() == 8 and not table.loc[0, "in_segment"]   # LR_CONV dropped
+    # OP decay drawn for the converging member: finite-difference T = ΔU/ΔS > 0
+    op = pd.read_csv(out / "fe_all_op_temperature.csv")
+    assert set(op["lr"]) == {LR_CONV} and (op["T"] > 0).all()
+    # SNR: the exact relation stoch = e^B full^A gives the exponent for every member
+    ex = pd.read_csv(out / "snr_phase_exponents.csv")
+    assert len(ex) == 9 and np.allclose(ex["exponent_a"], A_PH, atol=1e-6)
+    assert np.allclose(ex["intercept_b"], B_PH, atol=1e-6)
+    assert (ex["threshold"] == round(FE_ITERS * 200_000 / 1_600_000)).all()
+    sn = summary[summary["section"] == "snr"].iloc[0]
+    assert sn["exponent_a"] == pytest.approx(A_PH, abs=1e-6)
+    md = (out / "summary.md").read_text()
+    assert "## ideal_gas" in md and "no KL entropy" in md            # skipped, with its reason
+    assert "samples_per_label" in md                                  # exponent-vs-subset note
+    # attached to the parent run
+    client = MlflowClient(tracking_uri=store["uri"])
+    paths = {f.path for f in client.list_artifacts(store["fe_parent"], "report")}
+    assert {"report/summary.md", "report/summary.csv", "report/fe_all_temperature.png"} <= paths
+
+
+def test_ideal_gas_report_maxwell(store, tmp_path):
+    out = tmp_path / "ig"
+    assert main(["--experiment", "ig_sweep", "--tracking-uri", store["uri"], "--out", str(out),
+                 "--no-upload"]) == 0
+    summary = pd.read_csv(out / "summary.csv")
+    row = summary[summary["section"] == "ideal_gas"].iloc[0]
+    keys = sorted(store["ig"])
+    x = np.log([k[0] for k in keys])
+    y = np.log([k[1] for k in keys])
+    S = np.array([_tail_mean(store["ig"][k][1], "entropy_kl_full", 30) for k in keys])
+    mf = maxwell_fit(x, y, S, D_IG, "fixed_elr")
+    assert row["maxwell_r2"] == pytest.approx(mf.r2, rel=1e-9)
+    assert row["ratio_1"] == pytest.approx(mf.ratios[0], rel=1e-9)
+    assert row["rel_err_max"] == pytest.approx(mf.rel_err_max, rel=1e-6)
+    assert row["rel_err_mean"] == pytest.approx(mf.rel_err_mean, rel=1e-6)
+    assert row["ratio_1"] == pytest.approx(-1.0, abs=0.05)            # ∂S/∂ln λ = −(D − 1)/2
+    # the generated radius is 2 % above the SDE prediction r*² = T (D − 1)/λ
+    assert row["r_sde_rel_err_median"] == pytest.approx(0.02, abs=1e-9)
+    assert 0.0 <= row["frac_own_minimum"] <= 1.0                      # vMF: potential map drawn
+    for name in ("ig_all_state.png", "ig_all_radius.png", "ig_all_maxwell.png", "ig_all_potential.png"):
+        assert _is_png(out / name), name
+    md = (out / "summary.md").read_text()
+    assert "## free_energy" in md and "no k-NN entropy" in md
+    client = MlflowClient(tracking_uri=store["uri"])
+    assert not client.list_artifacts(store["ig_parent"], "report")    # --no-upload
+
+
+def test_broken_sweep_still_reports(store, tmp_path, capsys):
+    out = tmp_path / "br"
+    assert main(["--experiment", "broken_sweep", "--tracking-uri", store["uri"], "--out", str(out),
+                 "--no-upload", "--uniform-n", "50"]) == 0
+    diverged, no_entropy, *_, running = store["broken"]
+    md = (out / "summary.md").read_text()
+    assert f"{diverged} (lr = " in md and "status diverged" in md     # excluded with a reason
+    assert f"member {no_entropy}" in md and "dropped" in md           # missing metric noted
+    assert "Members still running" in md and running in md
+    assert "## snr" in md and "no gradient metrics" in md
+    summary = pd.read_csv(out / "summary.csv")
+    fe = summary[summary["section"] == "free_energy"].iloc[0]
+    assert fe["n_segment"] <= 3                                        # 3 usable LRs remain
+    assert "skipped: no gradient metrics" in capsys.readouterr().out  # printed too
+
+
+def test_crashing_section_is_caught(store, tmp_path):
+    def boom_section(sweep, out_dir, opts):
+        raise RuntimeError("boom")
+
+    def ok_section(sweep, out_dir, opts):
+        return SectionResult("ok", summary_rows=[{"n": len(sweep.members)}])
+
+    sw = load_experiment("broken_sweep", tracking_uri=store["uri"])
+    res = build_report(sw, tmp_path, Options(), sections=[boom_section, ok_section])
+    assert res[0].skipped_reason == "error: RuntimeError: boom"
+    assert "error: RuntimeError: boom" in (tmp_path / "summary.md").read_text()
+    assert pd.read_csv(tmp_path / "summary.csv")["n"].tolist() == [5]
+
+
+def test_unknown_experiment_exits_2(store, capsys):
+    assert main(["--experiment", "nope", "--tracking-uri", store["uri"]]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "fe_sweep" in err and "ig_sweep" in err
+
+
+def test_fixed_sphere_pressure_in_memory(tmp_path):
+    """§7 effective pressure on a hand-built Sweep (no MLflow): r̃ = r0 + λ_pred η r0³ over the
+    last ``pressure_last`` running logs (an earlier transient must be ignored)."""
+    D, sig2, G2 = 11, 0.4, 0.1
+    grid = [(lr, r0) for lr in (1e-3, 1e-2, 1e-1) for r0 in (0.5, 1.0, 2.0)]
+    ids = [f"r{i}" for i in range(len(grid))]
+    members = pd.DataFrame({"lr": [g[0] for g in grid], "wd": 0.0, "radius": [g[1] for g in grid],
+                            "protocol": "fixed_sphere", "model": "vmf", "D": D, "status": "done",
+                            "regime": "stationary", "running": False, "excluded": ""},
+                           index=pd.Index(ids, name="run_id"))
+    lam = {rid: (lr * sig2 / 2) * (D - 1) / r0**2 for rid, (lr, r0) in zip(ids, grid)}
+    stationary = pd.DataFrame({"trace_sigma": sig2 * (D - 1), "grad_sq": G2,
+                               "entropy_kl_full": [np.log(lr) * (D - 1) / 2 for lr, _ in grid],
+                               "radius": [r0 for _, r0 in grid], "train_loss": 0.3},
+                              index=members.index)
+    series = stationary.reset_index().assign(iteration=1000)
+    running = pd.concat([pd.DataFrame({
+        "run_id": rid, "iteration": np.arange(40) * 50,
+        "radius_preproj": np.r_[np.full(20, r0 + 1.0), np.full(20, r0 + lam[rid] * lr * r0**3)]})
+        for rid, (lr, r0) in zip(ids, grid)], ignore_index=True)
+    sw = Sweep("mem", "0", None, None, members, series, running, stationary)
+    res = ideal_gas_section(sw, str(tmp_path), Options(pressure_last=20))
+    t = pd.read_csv(tmp_path / res.tables[0]).set_index("run_id").loc[ids]
+    lr = np.array([g[0] for g in grid])
+    r0 = np.array([g[1] for g in grid])
+    np.testing.assert_allclose(t["p_measured"], [lam[r] for r in ids], rtol=1e-9)
+    np.testing.assert_allclose(t["p_predicted"], lr * sig2 / 2 * (D - 1) / r0**2, rtol=1e-12)
+    np.testing.assert_allclose(t["p_discrete"], lr * (sig2 * (D - 1) + G2) / (2 * r0**2), rtol=1e-12)
+    assert res.summary_rows[0]["p_predicted_rel_err_median"] == pytest.approx(0.0, abs=1e-9)
+    assert res.summary_rows[0]["potential"] == "Helmholtz"              # vmf on the sphere
+    assert (tmp_path / "ig_all_pressure.png").stat().st_size > 5000
