@@ -97,8 +97,18 @@ def parse_param(key, text):
 
 
 def default_window(log_schedule):
-    """W of THEORY.md §3: 30 for the ideal-gas schedule, 50 otherwise."""
-    return WINDOW_IDEAL_GAS if str(log_schedule).startswith("ideal_gas") else WINDOW_DEFAULT
+    """W of THEORY.md §3: 30 for the ideal-gas schedule, 50 for the free-energy one (50 of its 193
+    log-spaced points). A shorter ``log:N`` schedule keeps the same fraction of its N log-spaced
+    points (at least 3), so its window covers the same share of the run in log-iterations."""
+    text = str(log_schedule)
+    if text.startswith("ideal_gas"):
+        return WINDOW_IDEAL_GAS
+    if text.startswith("log:"):
+        try:
+            return max(3, round(int(text.split(":", 1)[1]) * WINDOW_DEFAULT / 193))
+        except ValueError:
+            pass
+    return WINDOW_DEFAULT
 
 
 # -----------------------------------------------------------------------------

@@ -88,6 +88,13 @@ def run_sweep(grid, *, address=None, tracking_uri=DEFAULT_TRACKING_URI, storage_
         if address:
             ray.init(address=address)
         else:
+            # a local Ray would have these resources: check before starting it
+            import torch
+            local = {"CPU": num_cpus or os.cpu_count() or 1,
+                     "GPU": num_gpus if num_gpus is not None else torch.cuda.device_count()}
+            problems = check_resources(grid, local)
+            if problems:
+                raise GridError(problems, grid.path)
             ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False)
     problems = check_resources(grid, ray.cluster_resources())
     if problems and not address:

@@ -58,6 +58,7 @@ class MLflowTracker(Callback):
         self.last_step: dict[str, int] = {}
         self.last_row: dict[str, dict] = {}
         self.status: dict[str, str] = {}
+        self.d_logged: set[str] = set()
         self._client = None
 
     def __getstate__(self):
@@ -145,6 +146,9 @@ class MLflowTracker(Callback):
                 if r["iteration"] > last:
                     metrics += [Metric(RUNNING + k, float(v), now, int(r["iteration"]))
                                 for k, v in r.items() if k != "iteration" and _finite(v)]
+            if member_id not in self.d_logged and result.get("D"):
+                self.client.log_param(run_id, "D", str(int(result["D"])))   # same value on a resume
+                self.d_logged.add(member_id)
             row = (result.get("rows") or [None] * len(ids))[i]
             step = int(result["iteration"])
             if row is not None and step > last:

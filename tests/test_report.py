@@ -32,6 +32,7 @@ A_PH, B_PH = 0.78, 0.5
 FE_LRS = np.logspace(-4, -2, 8)
 LR_CONV = 1e-5                           # converging member, outside the segment
 FE_ITERS, FE_SCHED, D_FE = 3000, "log:100", 24408
+W_FE = 26   # log:100 keeps the free-energy schedule's share of stationary logs: 100 · 50/193 ≈ 25.9
 IG_LRS, IG_WDS, D_IG = np.logspace(-3, -1, 4), np.logspace(-3, -1, 4), 3
 IG_ITERS = 10000
 MAXWELL = (2.0, 1.0, -(D_IG - 1) / 2, 0.05, 0.0, 0.0)   # c0..c5, c4 = c5 = 0: relation exact
@@ -188,11 +189,11 @@ def test_load_experiment_parses_layout(store):
     assert s.loc[its[its < 100], "entropy_knn_k50"].isna().all()
     r = sw.running[sw.running["run_id"] == rid]
     assert len(r) == 60 and "radius_preproj" in r.columns
-    # stationary: last W = 50 logs of each metric (log:N schedule), counted per metric
+    # stationary: last W logs of each metric (log:N schedule), counted per metric
     st = sw.stationary.loc[rid]
-    assert st["window"] == 50
-    assert st["train_loss"] == pytest.approx(_tail_mean(m, "train_loss", 50), rel=1e-12)
-    assert st["entropy_knn_k50"] == pytest.approx(_tail_mean(m, "entropy_knn_k50", 50), rel=1e-12)
+    assert st["window"] == W_FE
+    assert st["train_loss"] == pytest.approx(_tail_mean(m, "train_loss", W_FE), rel=1e-12)
+    assert st["entropy_knn_k50"] == pytest.approx(_tail_mean(m, "entropy_knn_k50", W_FE), rel=1e-12)
     sw30 = load_experiment("ig_sweep", tracking_uri=store["uri"])
     rid, m = store["ig"][(IG_LRS[0], IG_WDS[0])]
     assert sw30.stationary.loc[rid, "window"] == 30
@@ -232,8 +233,8 @@ def test_free_energy_and_snr_report(store, tmp_path):
     fe = summary[summary["section"] == "free_energy"].iloc[0]
     # expected: the same fit on stationary values computed here from the generated arrays
     lrs = np.array([LR_CONV, *FE_LRS])
-    U = np.array([_tail_mean(store["fe"][lr][1], "train_loss", 50) for lr in lrs])
-    S = np.array([_tail_mean(store["fe"][lr][1], "entropy_knn_k50", 50) for lr in lrs])
+    U = np.array([_tail_mean(store["fe"][lr][1], "train_loss", W_FE) for lr in lrs])
+    S = np.array([_tail_mean(store["fe"][lr][1], "entropy_knn_k50", W_FE) for lr in lrs])
     fit = fit_temperature(lrs, U, S, eps=1e-6, lr_range=(1e-4, 1e-2))
     assert fe["exponent_a"] == pytest.approx(fit.a, rel=1e-6)
     assert fe["prefactor_b"] == pytest.approx(fit.b, rel=1e-6)

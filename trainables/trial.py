@@ -103,10 +103,11 @@ class NetworkRunner:
         d = self.data
         train_loss, train_acc = Mx.full_gradient(self.model, d.x_train, d.y_train, self.grad, self.loss)
         gbar = self.grad.clone()
-        test_loss, test_acc = Mx.evaluate(self.model, d.x_test, d.y_test, self.loss)
         stats = Mx.gradient_noise_stats(gbar, Mx.stochastic_gradients(
             self.model, d.x_train, d.y_train, self.grad, self.loss, self.num_stoch_grads,
             self.batch_size, self.metric_gen))
+        # eval-mode test metrics use the BN running statistics the gradient passes just updated (§3)
+        test_loss, test_acc = Mx.evaluate(self.model, d.x_test, d.y_test, self.loss)
         radius = protocols.norm(self.theta).reshape(())
         names = ["train_loss", "train_acc", "test_loss", "test_acc", "radius", *stats]
         values = torch.stack([v.double() for v in (train_loss, train_acc, test_loss, test_acc, radius,

@@ -1,0 +1,146 @@
+"""Tests for the single-trial CLI ``python -m trainables.run`` (trainables/run.py)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainables.run import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is much faster than two on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+BASE_NAMES = {"iteration", "train_loss", "train_acc", "test_loss", "test_acc", "full_grad_norm",
+              "stoch_grad_rms", "noise_mean_norm", "stoch_grad_mean_norm", "snr", "snr_mean", "radius",
+              "trace_sigma", "grad_sq", "sigma2"}
+
+SMALL = ["--model", "convnet", "--width", "2", "--dataset", "digits", "--lr", "0.01",
+         "--batch-size", "32", "--num-stoch-grads", "2", "--entropy", "knn:6", "--ks", "1,2,5,1000",
+         "--device", "cpu", "--no-progress"]
+
+
+def cli(argv, capsys):
+    """Run main(argv); return (exit status, stderr)."""
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def test_short_run_writes_all_files_as_a_subprocess(tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "trainables.run", *SMALL, "--iters", "40",
+                           "--log-schedule", "every:10", "--out", str(out)],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["iteration"] for r in rows] == [10, 20, 30, 40]
+    assert set(rows[0]) == BASE_NAMES | {"entropy_knn_k1", "entropy_knn_k2", "entropy_knn_k5", "window_radius"}
+    assert all(set(r) == set(rows[0]) for r in rows)
+
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["lr"] == 0.01 and cfg["width"] == 2 and cfg["iterations"] == 40
+    assert cfg["entropy"] == [{"name": "knn", "window": 6, "stride": 1, "ks": [1, 2, 5, 1000]}]
+    assert cfg["running_every"] == 50  # defaults filled in
+
+    status = json.loads((out / "status.json").read_text())
+    assert status == {"status": "done", "iteration": 40, "D": 1530}
+
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert set(ckpt) == {"config", "runner", "sink"}
+    assert ckpt["runner"]["iteration"] == 40 and ckpt["runner"]["status"] == ["done"]
+    assert ckpt["config"] == cfg
+    assert (out / "running.jsonl").exists()
+
+
+def test_stop_and_resume_reproduce_the_uninterrupted_run(tmp_path, capsys):
+    args = [*SMALL, "--iters", "120", "--log-schedule", "every:15"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli([*args, "--out", str(a)], capsys)[0] == 0
+    assert cli([*args, "--out", str(b), "--stop-after", "50"], capsys)[0] == 0
+    assert json.loads((b / "status.json").read_text())["status"] == "stopped"
+    assert [r["iteration"] for r in read_jsonl(b / "metrics.jsonl")] == [15, 30, 45, 60]
+    assert cli([*args, "--out", str(b), "--resume"], capsys)[0] == 0
+    assert (b / "metrics.jsonl").read_text() == (a / "metrics.jsonl").read_text()
+    assert (b / "running.jsonl").read_text() == (a / "running.jsonl").read_text()
+    assert [r["iteration"] for r in read_jsonl(a / "running.jsonl")] == [50, 100]
+    assert json.loads((b / "status.json").read_text()) == json.loads((a / "status.json").read_text())
+    ta = torch.load(a / "checkpoint.pt", weights_only=True)["runner"]["model"]
+    tb = torch.load(b / "checkpoint.pt", weights_only=True)["runner"]["model"]
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+    # resuming with other arguments is refused and names the difference
+    code, err = cli([*[x if x != "0.01" else "0.02" for x in args], "--out", str(b), "--resume"], capsys)
+    assert code == 2 and "lr" in err
+
+
+@pytest.mark.parametrize("change,expected", [
+    (["--lr", "-1"], "--lr"),
+    (["--lr", "0"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--model", "vgg"], "--model"),
+    (["--protocol", "adam"], "--protocol"),
+    (["--entropy", "knn"], "entropy spec"),
+    (["--entropy", "gauss:100"], "entropy spec"),
+    (["--entropy", "knn:1"], "WINDOW"),
+    (["--entropy", "kl:10:x"], "STRIDE"),
+    (["--log-schedule", "weekly"], "--log-schedule"),
+    (["--log-schedule", "every:0"], "--log-schedule"),
+    (["--wd", "-0.1"], "--wd"),
+    (["--ks", "0,5"], "--ks"),
+    (["--iters", "0"], "--iters"),
+])
+def test_bad_arguments_exit_2_naming_the_problem(tmp_path, capsys, change, expected):
+    argv = [*SMALL, "--iters", "20", "--out", str(tmp_path / "x")]
+    # replace the option if it is already present, else append it
+    if change[0] in argv:
+        i = argv.index(change[0])
+        argv[i + 1] = change[1]
+    else:
+        argv += change
+    code, err = cli(argv, capsys)
+    assert code == 2
+    assert expected in err
+    assert not (tmp_path / "x" / "metrics.jsonl").exists()
+
+
+def test_resume_without_checkpoint(tmp_path, capsys):
+    code, err = cli([*SMALL, "--iters", "20", "--out", str(tmp_path / "none"), "--resume"], capsys)
+    assert code == 2 and "no checkpoint" in err
+
+
+def test_reusing_an_output_directory_needs_resume(tmp_path, capsys):
+    out = tmp_path / "r"
+    args = [*SMALL, "--iters", "10", "--log-schedule", "every:10", "--out", str(out)]
+    assert cli(args, capsys)[0] == 0
+    before = (out / "metrics.jsonl").read_text()
+    code, err = cli(args, capsys)
+    assert code == 2 and "already holds a run" in err and "--resume" in err
+    assert (out / "metrics.jsonl").read_text() == before   # nothing overwritten
+
+
+def test_divergence_exits_1_with_rows_so_far(tmp_path, capsys):
+    out = tmp_path / "d"
+    code, err = cli([*SMALL, "--protocol", "fixed_elr", "--lr", "1e6", "--iters", "200",
+                     "--log-schedule", "every:10", "--out", str(out)], capsys)
+    assert code == 1 and "diverged" in err
+    assert json.loads((out / "status.json").read_text())["status"] == "diverged"
+    torch.load(out / "checkpoint.pt", weights_only=True)
