@@ -8,8 +8,8 @@ its snapshots can still fall in a window, and at a log step reads the window bac
 store and computes the entropy with ``trainables.sinks.window_entropy`` — the same function the
 single-process ``LocalSink`` uses, so both give identical values for the same window.
 
-Memory bound per trial (object store): for each estimator, ``(window + chunk) × n_members × D × 4``
-bytes (float32), e.g. (1000 + 32) × 1 × 24,408 × 4 ≈ 0.10 GB for ConvNet-8 with the k-NN window and
+Memory bound per trial (object store): for each estimator, at most ``(window + chunk − 1)`` snapshots of
+``n_members × D × 4`` bytes (float32), e.g. (1000 + 32) × 1 × 24,408 × 4 ≈ 0.10 GB for ConvNet-8 with the k-NN window and
 ≈ 6.4 GB for ConvNet-64.
 
 Failure semantics: the actor restarts on failure (``max_restarts=-1``) but its state is gone, and so are
@@ -20,6 +20,7 @@ call from the trial is guarded, so a reservoir problem never fails a trial.
 from __future__ import annotations
 
 import logging
+import threading
 
 import numpy as np
 import ray
@@ -42,13 +43,21 @@ class Reservoir:
         # trial_key -> {"specs": [...], "index": [dict it -> (chunk_id, row)], "chunks": {id: (ref, its)}}
         self.trials: dict[str, dict] = {}
         self.evaluations = 0
+        # several trials share a node's reservoir and the actor serves them on a few threads: the
+        # bookkeeping is done under this lock, the entropy computation outside it
+        self.lock = threading.Lock()
 
     def register(self, trial_key: str, specs: list[dict]) -> None:
-        self.trials[trial_key] = {"specs": [dict(s) for s in specs], "index": [dict() for _ in specs],
-                                  "chunks": {}, "next_id": 0}
+        with self.lock:
+            self.trials[trial_key] = {"specs": [dict(s) for s in specs], "index": [dict() for _ in specs],
+                                      "chunks": {}, "next_id": 0}
 
     def add(self, trial_key: str, iterations: list[int], refs: list) -> None:
         """Take a chunk of snapshots (shape (k, n_members, D)) holding ``iterations``."""
+        with self.lock:
+            self._add(trial_key, iterations, refs)
+
+    def _add(self, trial_key: str, iterations: list[int], refs: list) -> None:
         st = self.trials.get(trial_key)
         if st is None:              # reservoir restarted: its windows are gone, start afresh
             return
@@ -75,18 +84,26 @@ class Reservoir:
     def known(self, trial_key: str) -> bool:
         return trial_key in self.trials
 
-    def evaluate(self, trial_key: str, t: int, n_members: int, spec_ids: list[int] | None = None) -> list[dict]:
+    def evaluate(self, trial_key: str, t: int, n_members: int,
+                 spec_ids: list[int] | None = None) -> list[dict] | None:
+        """Entropy rows at log step t, or None if this reservoir does not know the trial (restarted)."""
+        with self.lock:
+            st = self.trials.get(trial_key)
+            if st is None:
+                return None
+            jobs = []      # (spec, [(chunk_id, row) or None per window iteration], {chunk_id: ref})
+            for k, spec in enumerate(st["specs"]):
+                if spec_ids is not None and k not in spec_ids:
+                    continue
+                n, stride = int(spec["window"]), int(spec.get("stride", 1))
+                if not window_complete(t, n, stride):
+                    continue
+                where = [st["index"][k].get(i) for i in window_iterations(t, n, stride)]
+                refs = {w[0]: st["chunks"][w[0]][0] for w in where if w is not None}
+                jobs.append((spec, where, refs))
         rows: list[dict] = [{} for _ in range(n_members)]
-        st = self.trials.get(trial_key)
         cache: dict[int, np.ndarray] = {}
-        for k, spec in enumerate(st["specs"] if st else []):
-            if spec_ids is not None and k not in spec_ids:
-                continue
-            n, stride = int(spec["window"]), int(spec.get("stride", 1))
-            if not window_complete(t, n, stride):
-                continue
-            its = window_iterations(t, n, stride)
-            where = [st["index"][k].get(i) for i in its]
+        for spec, where, refs in jobs:
             if any(w is None for w in where):
                 for r in rows:
                     r["entropy_missing"] = 1.0
@@ -94,7 +111,7 @@ class Reservoir:
             try:
                 for cid, _ in where:
                     if cid not in cache:
-                        cache[cid] = ray.get(st["chunks"][cid][0])
+                        cache[cid] = ray.get(refs[cid])
             except Exception as e:  # objects lost with a dead trial process
                 log.warning("reservoir: window of %s at %d lost (%s)", trial_key, t, e)
                 for r in rows:
@@ -107,7 +124,8 @@ class Reservoir:
         return rows
 
     def forget(self, trial_key: str) -> None:
-        self.trials.pop(trial_key, None)
+        with self.lock:
+            self.trials.pop(trial_key, None)
 
     def stats(self) -> dict:
         return {key: {"chunks": len(st["chunks"]), "snapshots": [len(i) for i in st["index"]]}
@@ -158,6 +176,7 @@ class ReservoirSink:
         self.chunk = max(1, min(chunk_snapshots or CHUNK_SNAPSHOTS, CHUNK_BYTES // per_snapshot))
         self.buffer = torch.empty(self.chunk, n_members, D, device=device, dtype=torch.float32)
         self.buffered: list[int] = []
+        self.last_add = None        # the reservoir serves several threads: wait for our adds to land
         self.reservoir = reservoir if reservoir is not None else get_reservoir()
         self._guard(lambda: ray.get(self.reservoir.register.remote(trial_key, self.specs)))
 
@@ -180,17 +199,22 @@ class ReservoirSink:
         k = len(self.buffered)
         ref = ray.put(self.buffer[:k].cpu().numpy().copy())
         its, self.buffered = self.buffered, []
-        self._guard(lambda: self.reservoir.add.remote(self.trial_key, its, [ref]))
+        self.last_add = self._guard(lambda: self.reservoir.add.remote(self.trial_key, its, [ref]))
 
     def evaluate(self, t: int, spec_ids: list[int] | None = None) -> list[dict]:
         self.flush()
         missing = [{"entropy_missing": 1.0} for _ in range(self.n_members)]
-        # re-register if the reservoir restarted and lost us (its windows refill from here on)
-        known = self._guard(lambda: ray.get(self.reservoir.known.remote(self.trial_key)), False)
-        if not known:
+        if self.last_add is not None:
+            self._guard(lambda: ray.get(self.last_add))
+            self.last_add = None
+        rows = self._guard(lambda: ray.get(
+            self.reservoir.evaluate.remote(self.trial_key, t, self.n_members, spec_ids)))
+        if rows is None:
+            # the reservoir restarted (or failed) and lost this trial: register again so that the
+            # windows refill from the next snapshots on; this step's entropy is missing
             self._guard(lambda: ray.get(self.reservoir.register.remote(self.trial_key, self.specs)))
-        rows = self._guard(lambda: ray.get(self.reservoir.evaluate.remote(self.trial_key, t, self.n_members, spec_ids)))
-        return rows if rows is not None else missing
+            return missing
+        return rows
 
     def close(self) -> None:
         self._guard(lambda: ray.get(self.reservoir.forget.remote(self.trial_key)))

@@ -80,8 +80,9 @@ class LocalSink:
                 for m in members:
                     rows[m]["entropy_missing"] = 1.0
                 continue
+            slots = [(i // stride) % n for i in window_iterations(t, n, stride)]   # oldest first
             for m in members:
-                rows[m].update(window_entropy(self.buffers[k][m], spec))
+                rows[m].update(window_entropy(self.buffers[k][m, slots], spec))
         return rows
 
     def state_dict(self) -> dict:

@@ -1,0 +1,64 @@
+"""Shared fixtures for the engine tests: one local Ray for the whole session, a tmp MLflow store.
+
+The session Ray has 2 CPUs and 2 *logical* GPUs (no CUDA needed): Ray only hands out GPU ids and sets
+CUDA_VISIBLE_DEVICES, which is enough to test fractional-GPU packing on a CPU machine.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def repo_env() -> dict:
+    """Environment for Ray workers and subprocesses: the repo importable, MLflow our only logger."""
+    env = dict(os.environ)
+    parts = [str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))
+    env.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    env.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+    env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray shared by every test that needs one (workers inherit PYTHONPATH from here)."""
+    import ray
+
+    os.environ.update({k: v for k, v in repo_env().items() if k in
+                       ("PYTHONPATH", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "RAY_AIR_NEW_OUTPUT")})
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture
+def tracking_uri(tmp_path) -> str:
+    """A fresh SQLite MLflow store under the test's tmp dir."""
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def mlflow_member_runs(uri: str, experiment: str) -> tuple:
+    """(parent run, {member_id: child run}) of the single sweep of ``experiment`` in the store."""
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri=uri)
+    exp = c.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment '{experiment}' at {uri}"
+    runs = c.search_runs([exp.experiment_id], max_results=10000)
+    parents = [r for r in runs if r.data.tags.get("thermosweep.role") == "sweep"]
+    assert len(parents) == 1, f"expected one sweep (parent) run, found {len(parents)}"
+    children = {r.data.tags["thermosweep.member_id"]: r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    return parents[0], children

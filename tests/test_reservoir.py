@@ -1,0 +1,191 @@
+"""The entropy reservoir (engine/reservoir.py) against the single-process LocalSink (trainables/sinks.py).
+
+Both sinks get the same snapshot stream and are asked at the same log steps; the reservoir must give
+exactly the LocalSink's dicts (same windows, same estimator code), report incomplete windows as
+``entropy_missing`` like the LocalSink, keep a bounded number of snapshots, and survive being killed.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from trainables.schedule import SnapshotPlan, log_iterations, window_iterations
+from trainables.sinks import LocalSink
+
+N_MEMBERS, D = 2, 300
+SPECS = [{"name": "knn", "window": 20, "stride": 1, "ks": [1, 5, 19]},
+         {"name": "kl", "window": 12, "stride": 3, "standardize": False}]
+
+
+def _snapshots(iterations: int, seed: int = 0) -> torch.Tensor:
+    """A random walk on the sphere, (iterations + 1, n_members, D): distinct, well-spread points."""
+    g = torch.Generator().manual_seed(seed)
+    steps = torch.randn(iterations + 1, N_MEMBERS, D, generator=g) * 0.05
+    walk = torch.randn(1, N_MEMBERS, D, generator=g) + steps.cumsum(0)
+    return walk / walk.norm(dim=-1, keepdim=True)
+
+
+def _assert_same(remote: list[dict], local: list[dict], t: int) -> None:
+    """Exact equality; if only the last bits differ, say why (known LocalSink row-order issue)."""
+    if remote == local:
+        return
+    close = [r.keys() == l.keys() and all(r[k] == pytest.approx(l[k], rel=1e-12) for k in r)
+             for r, l in zip(remote, local)]
+    hint = (" -- equal to 1e-12 only: LocalSink.evaluate passes the window in ring-buffer slot order, the "
+            "reservoir oldest-first, so float sums differ in the last bits. Fix in trainables/sinks.py: "
+            "evaluate buffers[k][m, [(i // stride) % n for i in window_iterations(t, n, stride)]]"
+            if all(close) else "")
+    raise AssertionError(f"log step {t}: reservoir {remote} != local {local}{hint}")
+
+
+def _stream(plan, log_iters, theta, sinks, skip=()):
+    """Feed every sink the runner's way: snapshot at plan iterations, evaluate at evaluated log steps."""
+    out = {id(s): {} for s in sinks}
+    for t in range(theta.shape[0]):
+        if plan.needs_snapshot(t) and t not in skip:
+            for s in sinks:
+                s.put(t, theta[t])
+        if t in log_iters and plan.evaluates(t):
+            for s in sinks:
+                out[id(s)][t] = s.evaluate(t)
+    return [out[id(s)] for s in sinks]
+
+
+@pytest.fixture
+def reservoir(ray_session):
+    from engine.reservoir import get_reservoir, shutdown_reservoirs
+
+    shutdown_reservoirs()           # a fresh actor (state of an earlier test must not leak in)
+    res = _wait_alive(get_reservoir())
+    yield res
+    shutdown_reservoirs()
+
+
+def _wait_alive(res, old_pid=None, deadline_s=60.0):
+    """Block until the actor answers (from a new process when old_pid is given)."""
+    import ray
+
+    end = time.monotonic() + deadline_s
+    while True:
+        try:
+            pid = ray.get(res.pid.remote(), timeout=10)
+            if pid != old_pid:
+                return res
+        except Exception:
+            pass
+        if time.monotonic() > end:
+            raise AssertionError("reservoir actor did not come (back) up within the deadline")
+
+
+def test_reservoir_equals_local_sink_including_missing_windows(reservoir):
+    from engine.reservoir import ReservoirSink
+
+    iterations = 120
+    log_iters = log_iterations("every:5", iterations)
+    plan = SnapshotPlan(log_iters, SPECS)
+    theta = _snapshots(iterations)
+    local = LocalSink(SPECS, N_MEMBERS, D)
+    remote = ReservoirSink("test/equal", SPECS, N_MEMBERS, D, "cpu", reservoir=reservoir, chunk_snapshots=7)
+    skip = {61, 63}                                   # lost snapshots: windows holding them are incomplete
+    got_local, got_remote = _stream(plan, log_iters, theta, [local, remote], skip=skip)
+
+    assert sorted(got_local) == sorted(got_remote) and len(got_local) > 15
+    for t in got_local:
+        _assert_same(got_remote[t], got_local[t], t)
+    # independent bookkeeping: which steps must be missing (a skipped iteration inside a window) or full
+    knn, kl = SPECS
+    for t, rows in got_local.items():
+        knn_hole = t >= 19 and bool(skip & set(window_iterations(t, knn["window"], knn["stride"])))
+        kl_hole = t >= 33 and bool(skip & set(window_iterations(t, kl["window"], kl["stride"])))
+        for row in rows:
+            assert ("entropy_missing" in row) == (knn_hole or kl_hole), t
+            assert ("entropy_knn_k5" in row) == (t >= 19 and not knn_hole), t
+            assert ("entropy_kl_sphere" in row) == (t >= 33 and not kl_hole), t
+    assert any("entropy_missing" in r[0] for r in got_local.values())
+    # the two members have different walks, so their entropies differ (rows are not copies)
+    t_last = max(got_local)
+    assert got_local[t_last][0]["entropy_knn_k1"] != got_local[t_last][1]["entropy_knn_k1"]
+    remote.close()
+
+
+def test_reservoir_keeps_a_bounded_number_of_snapshots(ray_session):
+    """Plain Reservoir object fed real object-store refs: old chunks are dropped as windows move on."""
+    import ray
+
+    from engine.reservoir import Reservoir
+
+    window, chunk = 20, 8
+    res = Reservoir()
+    res.register("k", [{"name": "knn", "window": window, "stride": 1, "ks": [1]}])
+    data = np.zeros((chunk, 1, 4), dtype=np.float32)
+    for start in range(0, 400, chunk):
+        res.add("k", list(range(start, start + chunk)), [ray.put(data)])
+        kept = sum(len(its) for _, its in res.trials["k"]["chunks"].values())
+        assert kept <= window + chunk - 1, f"after iteration {start + chunk - 1}: {kept} snapshots kept"
+    st = res.stats()
+    assert st["k"]["snapshots"] == [window]
+    # the newest window (380..399) must still be fully indexed
+    assert sorted(res.trials["k"]["index"][0]) == list(range(400 - window, 400))
+
+
+def test_reservoir_actor_releases_chunks(reservoir):
+    import ray
+
+    from engine.reservoir import ReservoirSink
+
+    window, chunk = 20, 8
+    specs = [{"name": "knn", "window": window, "stride": 1, "ks": [1]}]
+    sink = ReservoirSink("test/bounded", specs, 1, 50, "cpu", reservoir=reservoir, chunk_snapshots=chunk)
+    x = torch.randn(1, 50)
+    for it in range(500):
+        sink.put(it, x)
+    sink.flush()
+    st = ray.get(reservoir.stats.remote())["test/bounded"]
+    assert st["snapshots"] == [window]
+    # a window of 20 consecutive snapshots touches at most 4 chunks of 8 (without release: 63 chunks)
+    assert st["chunks"] <= (window - 1) // chunk + 2, st
+    sink.close()
+    assert "test/bounded" not in ray.get(reservoir.stats.remote())
+
+
+def test_killed_reservoir_gives_missing_then_recovers(reservoir):
+    import ray
+
+    from engine.reservoir import ReservoirSink
+
+    specs = [SPECS[0]]                              # knn, window 20, stride 1
+    iterations, kill_after = 150, 70
+    log_iters = log_iterations("every:10", iterations)
+    theta = _snapshots(iterations, seed=3)
+    local = LocalSink(specs, N_MEMBERS, D)
+    remote = ReservoirSink("test/kill", specs, N_MEMBERS, D, "cpu", reservoir=reservoir, chunk_snapshots=4)
+    got_local, got_remote = {}, {}
+    for t in range(iterations + 1):
+        local.put(t, theta[t])
+        remote.put(t, theta[t])
+        if t in log_iters and t >= 19:
+            got_local[t] = local.evaluate(t)
+            got_remote[t] = remote.evaluate(t)          # must never raise
+        if t == kill_after:
+            old = ray.get(reservoir.pid.remote())
+            ray.kill(reservoir, no_restart=False)
+            _wait_alive(reservoir, old_pid=old)
+    for t in got_local:
+        if t <= kill_after:
+            _assert_same(got_remote[t], got_local[t], t)
+        elif t < kill_after + 10 + window_len(specs):
+            # the state died with the actor: windows reaching back before the re-registration at the
+            # next log step (80) are incomplete; values must not be invented
+            assert got_remote[t] == [{"entropy_missing": 1.0}] * N_MEMBERS, (t, got_remote[t])
+        else:
+            _assert_same(got_remote[t], got_local[t], t)
+    # the refill point: the window of 100 (81..100) is the first made only of post-restart snapshots
+    assert "entropy_missing" not in got_remote[100][0]
+    remote.close()
+
+
+def window_len(specs):
+    return int(specs[0]["window"])
