@@ -162,6 +162,23 @@ def _rel_err(measured, predicted):
         return np.abs(measured - predicted) / np.abs(predicted)
 
 
+
+def _measured_vs_predicted(t, measured, predictions, row, res, out_dir, name, xlabel, ylabel, title):
+    """Log–log scatter of a measured column against its predictions (SDE first, then discrete),
+    with the identity line; records each prediction's median relative error in ``row``."""
+    fig, ax = fg.figure(1, width=6)
+    for k, mk in zip(predictions, ("o", "s")):
+        ax[0, 0].plot(t[k], t[measured], mk, mfc="none", label=k.replace("_", " "))
+        row[f"{k}_rel_err_median"] = _nanmedian(_rel_err(t[measured], t[k]))
+    fg.identity_line(ax[0, 0], np.r_[t[measured], t[predictions[0]]])
+    ax[0, 0].set_xscale("log")
+    ax[0, 0].set_yscale("log")
+    ax[0, 0].set_xlabel(xlabel)
+    ax[0, 0].set_ylabel(ylabel)
+    ax[0, 0].set_title(title)
+    ax[0, 0].legend()
+    res.figures.append(fg.save(fig, out_dir, name))
+
 def _nanmedian(a):
     a = np.asarray(a, float)
     a = a[np.isfinite(a)]
@@ -608,18 +625,9 @@ def _ideal_gas_group(sweep, out_dir, opts, res, label, g, S_key):
         t["r_discrete"] = (ig.radius_discrete(protocol, t["lr"], t["wd"], t["trace_sigma"], t["grad_sq"])
                            if np.isfinite(G2).any() else np.nan)
         if np.isfinite(t["radius"]).any():
-            fig, ax = fg.figure(1, width=6)
-            for k, mk in (("r_sde", "o"), ("r_discrete", "s")):
-                ax[0, 0].plot(t[k], t["radius"], mk, mfc="none", label=k.replace("_", " "))
-                row[f"{k}_rel_err_median"] = _nanmedian(_rel_err(t["radius"], t[k]))
-            fg.identity_line(ax[0, 0], np.r_[t["radius"], t["r_sde"]])
-            ax[0, 0].set_xscale("log")
-            ax[0, 0].set_yscale("log")
-            ax[0, 0].set_xlabel(r"predicted radius $r^*$")
-            ax[0, 0].set_ylabel(r"measured stationary radius $r$")
-            ax[0, 0].set_title(f"V1 radius, {label}")
-            ax[0, 0].legend()
-            res.figures.append(fg.save(fig, out_dir, f"ig_{s}_radius.png"))
+            _measured_vs_predicted(t, "radius", ("r_sde", "r_discrete"), row, res, out_dir,
+                                   f"ig_{s}_radius.png", r"predicted radius $r^*$",
+                                   r"measured stationary radius $r$", f"V1 radius, {label}")
         else:
             res.notes.append(f"group {label}: no radius metric; V1 radius check skipped")
 
@@ -642,18 +650,11 @@ def _ideal_gas_group(sweep, out_dir, opts, res, label, g, S_key):
             if min(n_used) < opts.pressure_last:
                 res.notes.append(f"group {label}: r̃ averaged over {min(n_used)}–{max(n_used)} running "
                                  f"logs (fewer than {opts.pressure_last}: short run)")
-            fig, ax = fg.figure(1, width=6)
-            for k, mk in (("p_predicted", "o"), ("p_discrete", "s")):
-                ax[0, 0].plot(t[k], t["p_measured"], mk, mfc="none", label=k.replace("_", " "))
-                row[f"{k}_rel_err_median"] = _nanmedian(_rel_err(t["p_measured"], t[k]))
-            fg.identity_line(ax[0, 0], np.r_[t["p_measured"], t["p_predicted"]])
-            ax[0, 0].set_xscale("log")
-            ax[0, 0].set_yscale("log")
-            ax[0, 0].set_xlabel(r"predicted $\lambda_\mathrm{eff}$")
-            ax[0, 0].set_ylabel(r"measured $\lambda_\mathrm{eff} = (\tilde r - r_0)/(\eta_\mathrm{eff} r_0^3)$")
-            ax[0, 0].set_title(f"effective pressure, {label}")
-            ax[0, 0].legend()
-            res.figures.append(fg.save(fig, out_dir, f"ig_{s}_pressure.png"))
+            _measured_vs_predicted(
+                t, "p_measured", ("p_predicted", "p_discrete"), row, res, out_dir, f"ig_{s}_pressure.png",
+                r"predicted $\lambda_\mathrm{eff}$",
+                r"measured $\lambda_\mathrm{eff} = (\tilde r - r_0)/(\eta_\mathrm{eff} r_0^3)$",
+                f"effective pressure, {label}")
 
     # V3: Maxwell relation (fixed ELR / LR)
     if protocol != "fixed_sphere":

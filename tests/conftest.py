@@ -26,6 +26,17 @@ def repo_env() -> dict:
     return env
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tests use tiny tensors: one intra-op thread is much faster than two on a busy 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray shared by every test that needs one (workers inherit PYTHONPATH from here)."""

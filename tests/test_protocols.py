@@ -15,15 +15,6 @@ from trainables import protocols
 from trainables.models import build_model, flatten_si_parameters
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is much faster than two on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_net(radius):
     """ConvNet(c=1) on 1×8×8 inputs (D = 387) with one gradient on a fixed batch in its buffer."""
     model = build_model("convnet", 1, 10, in_channels=1, radius=radius)

@@ -16,15 +16,6 @@ from trainables.sinks import LocalSink
 from trainables.trial import NetworkRunner
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is much faster than two on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 KS = [1, 2, 5, 10, 1000]
 
 
