@@ -153,17 +153,26 @@ def get_reservoir(node_id: str | None = None):
     ).remote()
 
 
-def shutdown_reservoirs() -> int:
-    """Kill every reservoir (called by the driver when a sweep ends). Returns how many."""
-    n = 0
-    for entry in ray.util.list_named_actors(all_namespaces=True):
-        if entry.get("namespace") == NAMESPACE and entry.get("name", "").startswith(NAME_PREFIX):
-            try:
-                ray.kill(ray.get_actor(entry["name"], namespace=NAMESPACE))
-                n += 1
-            except Exception:
-                pass
-    return n
+def _reservoir_names() -> set[str]:
+    return {e["name"] for e in ray.util.list_named_actors(all_namespaces=True)
+            if e.get("namespace") == NAMESPACE and e.get("name", "").startswith(NAME_PREFIX)}
+
+
+def shutdown_reservoirs(wait_s: float = 30.0) -> int:
+    """Kill every reservoir (the driver does this when a sweep ends) and wait until their names are
+    released, so that a reservoir asked for afterwards is a fresh one. Returns how many were killed."""
+    import time
+
+    names = _reservoir_names()
+    for name in names:
+        try:
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE))
+        except Exception:
+            pass
+    deadline = time.monotonic() + wait_s
+    while names & _reservoir_names() and time.monotonic() < deadline:
+        time.sleep(0.05)          # polling the name registry until the kills have landed
+    return len(names)
 
 
 class ReservoirSink:
