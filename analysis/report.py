@@ -57,6 +57,8 @@ class Options:
     k_max: int = 50                   # §5 k of the k-NN entropy: 50, or the largest logged k ≤ this
     uniform_n: int | None = None      # samples of the uniform reference (default: the knn window N)
     pressure_last: int = 3000         # §7 running logs averaged for r̃
+    toy_u_window: int | None = None   # §8 toys: iterations of log rows averaged for U (default 250k)
+    toy_pressure_window: int | None = None  # toys: iterations averaged for r̃ (default 150k)
 
 
 @dataclass
@@ -822,17 +824,25 @@ def parse_args(argv=None):
     ap.add_argument("--uniform-n", type=int, default=None,
                     help="samples for the uniform-sphere entropy reference (default: the knn window N)")
     ap.add_argument("--no-upload", action="store_true", help="do not attach the report to the parent run")
+    ap.add_argument("--toy-u-window", type=int, default=None, metavar="ITERS",
+                    help="toys: average U and r over the last ITERS iterations (default 250000, §8)")
+    ap.add_argument("--toy-pressure-window", type=int, default=None, metavar="ITERS",
+                    help="toys: average r̃ over the last ITERS iterations (default 150000, §7)")
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> int:
+    # run as ``python -m analysis.report`` this module is __main__; let plugin modules that import
+    # ``analysis.report`` register their sections here rather than in a second copy
+    sys.modules.setdefault("analysis.report", sys.modules[__name__])
     args = parse_args(argv)
     if args.eps < 0 or (args.window is not None and args.window < 1) or (
             args.lr_range and not 0 < args.lr_range[0] <= args.lr_range[1]):
         print("error: need --eps ≥ 0, --window ≥ 1 and --lr-range LO HI with 0 < LO ≤ HI", file=sys.stderr)
         return 2
     opts = Options(eps=args.eps, lr_range=tuple(args.lr_range) if args.lr_range else None,
-                   k_max=args.k, uniform_n=args.uniform_n)
+                   k_max=args.k, uniform_n=args.uniform_n, toy_u_window=args.toy_u_window,
+                   toy_pressure_window=args.toy_pressure_window)
     try:
         sweep = load_experiment(args.experiment, tracking_uri=args.tracking_uri,
                                 stationary_window=args.window, parent_run=args.parent_run)

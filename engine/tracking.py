@@ -133,29 +133,36 @@ class MLflowTracker(Callback):
         self.log_result(result)
 
     def log_result(self, result: dict) -> None:
+        """Log a trial result: ``events`` (one per log step since the previous result, each with
+        ``iteration``, ``rows`` and ``running`` per member), ``member_ids``, ``status`` and ``D``.
+        One ``log_batch`` per member covers all of the result's steps."""
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
         ids = result.get("member_ids") or []
+        events = result.get("events")
+        if events is None:          # a single log step given flat
+            events = [{k: result.get(k) for k in ("iteration", "rows", "running")}]
         for i, member_id in enumerate(ids):
             run_id = self.child.get(member_id)
             if run_id is None:
                 continue
-            last = self.last_step.get(member_id, -1)
-            metrics = []
-            for r in (result.get("running") or [[]] * len(ids))[i]:
-                if r["iteration"] > last:
-                    metrics += [Metric(RUNNING + k, float(v), now, int(r["iteration"]))
-                                for k, v in r.items() if k != "iteration" and _finite(v)]
             if member_id not in self.d_logged and result.get("D"):
                 self.client.log_param(run_id, "D", str(int(result["D"])))   # same value on a resume
                 self.d_logged.add(member_id)
-            row = (result.get("rows") or [None] * len(ids))[i]
-            step = int(result["iteration"])
-            if row is not None and step > last:
-                metrics += [Metric(k, float(v), now, step) for k, v in row.items()
-                            if k != "iteration" and _finite(v)]
-                self.last_step[member_id] = step
-                self.last_row[member_id] = row
+            metrics = []
+            for ev in events:
+                last = self.last_step.get(member_id, -1)
+                for r in (ev.get("running") or [[]] * len(ids))[i]:
+                    if r["iteration"] > last:
+                        metrics += [Metric(RUNNING + k, float(v), now, int(r["iteration"]))
+                                    for k, v in r.items() if k != "iteration" and _finite(v)]
+                row = (ev.get("rows") or [None] * len(ids))[i]
+                step = int(ev["iteration"])
+                if row is not None and step > last:
+                    metrics += [Metric(k, float(v), now, step) for k, v in row.items()
+                                if k != "iteration" and _finite(v)]
+                    self.last_step[member_id] = step
+                    self.last_row[member_id] = row
             for j in range(0, len(metrics), MAX_BATCH):
                 self.client.log_batch(run_id, metrics=metrics[j:j + MAX_BATCH])
             status = (result.get("status") or [None] * len(ids))[i]

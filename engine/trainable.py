@@ -2,14 +2,18 @@
 
 It builds the runner on the device Ray gave it (CUDA when a GPU was assigned and exists, else CPU),
 restores the runner from Tune's checkpoint after a failure, streams snapshots to the node's reservoir
-and reports one result per log step. A result carries every member's row and running rows; the
-driver-side MLflow callback (engine.tracking) is the only thing that writes them anywhere.
+and reports the log steps to Tune in batches (at most every ``REPORT_EVERY_S`` seconds, and always
+with a checkpoint and at the end). A result carries, for each log step since the previous result,
+every member's row and running rows; the driver-side MLflow callback (engine.tracking) is the only
+thing that writes them anywhere. A checkpoint is only taken together with a report, so a resumed
+trial never repeats a log step that was not reported, and never skips one.
 """
 from __future__ import annotations
 
 import os
 import signal
 import tempfile
+import time
 
 import ray
 import torch
@@ -19,6 +23,7 @@ from engine.reservoir import ReservoirSink
 from trainables.runner import make_runner
 
 CHECKPOINT_FILE = "runner.pt"
+REPORT_EVERY_S = 5.0    # log steps are reported to Tune (and so to MLflow) at most this often, batched
 
 
 def trial_device(members: list[dict]) -> torch.device:
@@ -58,16 +63,20 @@ def train_bundle(config: dict) -> None:
     sink = ReservoirSink(key, specs, len(members), runner.D, device) if specs else None
     kill_at = config.get("_fault_kill_at")          # tests only: a real SIGKILL of this worker
     every = int(config.get("checkpoint_every", 0))
-    last_ckpt = runner.iteration
+    report_every = float(config.get("report_every_s", REPORT_EVERY_S))
+    last_ckpt, last_report, pending = runner.iteration, time.monotonic(), []
 
     for event in runner.run(sink):
         t = event["iteration"]
+        pending.append({"iteration": t, "rows": event["rows"], "running": event["running"]})
         finished = all(s != "running" for s in runner.status)
+        checkpoint = finished or _checkpoint_due(every, last_ckpt, t)
+        if not checkpoint and time.monotonic() - last_report < report_every:
+            continue            # log steps come fast in short runs: hand them over in batches
         metrics = {
             "iteration": t,
             "member_ids": member_ids,
-            "rows": event["rows"],
-            "running": event["running"],
+            "events": pending,
             "status": list(runner.status),
             "D": runner.D,
             "members_running": sum(s == "running" for s in runner.status),
@@ -75,13 +84,14 @@ def train_bundle(config: dict) -> None:
         first = next((r for r in event["rows"] if r), None)
         if first is not None and "train_loss" in first:
             metrics["train_loss"] = first["train_loss"]
-        if finished or _checkpoint_due(every, last_ckpt, t):
+        if checkpoint:
             with tempfile.TemporaryDirectory() as d:
                 torch.save(runner.state_dict(), os.path.join(d, CHECKPOINT_FILE))
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
             last_ckpt = t
         else:
             tune.report(metrics)
+        pending, last_report = [], time.monotonic()
         if kill_at is not None and restored is None and t >= kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
     if sink is not None:

@@ -214,6 +214,9 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+INTERRUPT_LRS = [0.01, 0.02, 0.03, 0.1, 0.2, 0.3]   # enough trials that Ctrl-C lands mid-sweep
+
+
 def test_interrupted_sweep_resumes_only_what_was_left(tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -225,7 +228,7 @@ def test_interrupted_sweep_resumes_only_what_was_left(tmp_path):
     args = [sys.executable, str(script), str(DEMO), "--num-cpus", "2", "--num-gpus", "0", "--max-concurrent", "1",
             "--tracking-uri", uri, "--storage-path", str(tmp_path / "rr"), "--verbose", "0",
             "--set", "experiment=resume", "--set", "iterations=400", "--set", "log_schedule=every:50",
-            "--set", "lr=[0.01, 0.03, 0.1, 0.3]", "--set", "checkpoint_every=100",
+            "--set", f"lr={INTERRUPT_LRS}", "--set", "checkpoint_every=100",
             *(a for s in TINY for a in ("--set", s))]
     proc = subprocess.Popen(args, cwd=tmp_path, env=repo_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -252,7 +255,7 @@ def test_interrupted_sweep_resumes_only_what_was_left(tmp_path):
     _, children = mlflow_member_runs(uri, "resume")
     done_before = {m: r.info.start_time for m, r in children.items()
                    if r.data.tags.get("thermosweep.status") == "done"}
-    assert len(done_before) < 4, "the interrupt came too late: the sweep had finished\n" + out[-3000:]
+    assert len(done_before) < len(INTERRUPT_LRS), "the interrupt came too late: the sweep had finished\n" + out[-3000:]
     assert proc.returncode != 0, "an interrupted sweep must not report success:\n" + out[-4000:]
     first_starts = _records(rec)
 
@@ -261,7 +264,7 @@ def test_interrupted_sweep_resumes_only_what_was_left(tmp_path):
     assert proc2.returncode == 0, proc2.stdout[-3000:] + proc2.stderr[-3000:]
     parent, children = mlflow_member_runs(uri, "resume")
     c = MlflowClient(tracking_uri=uri)
-    assert sorted(children) == ["m0000", "m0001", "m0002", "m0003"]
+    assert sorted(children) == [f"m{i:04d}" for i in range(len(INTERRUPT_LRS))]
     steps = log_iterations("every:50", 400)
     for mid, run in children.items():
         run = c.get_run(run.info.run_id)
@@ -270,7 +273,7 @@ def test_interrupted_sweep_resumes_only_what_was_left(tmp_path):
     assert c.get_run(parent.info.run_id).data.tags["thermosweep.sweep_status"] == "finished"
 
     # members finished before the interruption were not started again
-    trial_of = {f"m{i:04d}": f"t{i:03d}" for i in range(4)}
+    trial_of = {f"m{i:04d}": f"t{i:03d}" for i in range(len(INTERRUPT_LRS))}
     all_starts = _records(rec)
     later = [r for r in all_starts if r not in first_starts]
     for mid, start in done_before.items():

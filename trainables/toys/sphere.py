@@ -13,7 +13,7 @@ import math
 import torch
 
 from trainables.schedule import log_iterations
-from trainables.toys.vmf import check_bundle, resolve_device
+from trainables.toys.vmf import _finish_at_end, check_bundle, resolve_device
 
 DEFAULTS = {"model": "sphere_toy", "setting": "up", "lr": 0.1, "iterations": 50_000,
             "log_schedule": "sphere_toy", "radius": 1.0}
@@ -120,7 +120,9 @@ class SphereToyRunner:
                 self.status[i] = "converged"  # this row is the last one; the walker stops
                 self.lr[i] = 0.0
         self.logged_upto = t
-        return {"iteration": t, "rows": rows, "running": [[] for _ in self.members]}
+        _finish_at_end(self.status, t, self.iterations)
+        return {"iteration": t, "rows": rows, "running": [[] for _ in self.members],
+                "status": list(self.status)}
 
     def state_dict(self):
         return {"iteration": self.iteration, "logged_upto": self.logged_upto, "status": list(self.status),

@@ -279,7 +279,9 @@ class VMFRunner:
             rows.append(row)
         self._reset_running_sums()
         self.logged_upto = t
-        return {"iteration": t, "rows": rows, "running": [[] for _ in self.members]}
+        _finish_at_end(self.status, t, self.iterations)
+        return {"iteration": t, "rows": rows, "running": [[] for _ in self.members],
+                "status": list(self.status)}
 
     def _reset_running_sums(self):
         self.acc.zero_()
@@ -304,3 +306,11 @@ class VMFRunner:
         self.acc_count = int(d["acc_count"])
         self.r_pre = d["r_pre"].to(self.device)
 
+
+def _finish_at_end(status: list, t: int, iterations: int) -> None:
+    """Members still running at the last log step are done before its event is reported, so the
+    engine sees the final status with the final rows (as the network runner does)."""
+    if t >= iterations:
+        for i, s in enumerate(status):
+            if s == "running":
+                status[i] = "done"
