@@ -80,7 +80,7 @@ def run_sweep(grid, *, address=None, tracking_uri=DEFAULT_TRACKING_URI, storage_
     import ray
     from ray import tune
 
-    from engine.reservoir import shutdown_reservoirs
+    from engine.reservoir import get_reservoir, shutdown_reservoirs
     from engine.tracking import MLflowTracker, git_commit
     from engine.trainable import train_bundle
 
@@ -154,6 +154,11 @@ def run_sweep(grid, *, address=None, tracking_uri=DEFAULT_TRACKING_URI, storage_
                     parameter_columns={"sweep_id": "sweep"}, max_report_frequency=30),
                 failure_config=tune.FailureConfig(max_failures=grid.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
+    if any(cfg.get("entropy") for _, cfg in members):
+        # start each node's reservoir now, so that its process comes up while the first trials do
+        for node in ray.nodes():
+            if node.get("Alive"):
+                get_reservoir(node["NodeID"]).pid.remote()
     try:
         results = tuner.fit()
     finally:
