@@ -43,6 +43,10 @@ class Reservoir:
         # trial_key -> {"specs": [...], "index": [dict it -> (chunk_id, row)], "chunks": {id: (ref, its)}}
         self.trials: dict[str, dict] = {}
         self.evaluations = 0
+        # Ray gives a 0-CPU actor one thread; the trial that asked waits idle while its entropy is
+        # computed, so use the node's cores like the single-process run does (at most 4)
+        import os
+        torch.set_num_threads(max(1, min(os.cpu_count() or 1, 4)))
         # several trials share a node's reservoir and the actor serves them on a few threads: the
         # bookkeeping is done under this lock, the entropy computation outside it
         self.lock = threading.Lock()
