@@ -258,6 +258,8 @@ def test_interrupted_sweep_resumes_only_what_was_left(tmp_path):
     assert len(done_before) < len(INTERRUPT_LRS), "the interrupt came too late: the sweep had finished\n" + out[-3000:]
     assert proc.returncode != 0, "an interrupted sweep must not report success:\n" + out[-4000:]
     first_starts = _records(rec)
+    # trials that had written a Tune checkpoint when the sweep was interrupted
+    checkpointed_before = {p.parent.name for p in (tmp_path / "rr").glob("*/t*/checkpoint_*")}
 
     proc2 = subprocess.run(args + ["--resume"], cwd=tmp_path, env=repo_env(), capture_output=True, text=True,
                            timeout=300)
@@ -282,8 +284,7 @@ def test_interrupted_sweep_resumes_only_what_was_left(tmp_path):
     assert {r["trial_id"] for r in later} == {trial_of[m] for m in children if m not in done_before}
     # the one that was running when interrupted continued from its checkpoint if it had one
     for r in later:
-        started = [f for f in first_starts if f["trial_id"] == r["trial_id"]]
-        if started:
+        if r["trial_id"] in checkpointed_before:
             assert r["restored"], r
 
 
