@@ -143,6 +143,19 @@ class MaxwellFit:
     rel_err_mean: float
 
 
+
+def protocol_potential_ranks(protocol, U, S, radius, T, wd, r0):
+    """The potential THEORY.md §7 (V2) minimises for a protocol, evaluated by ``potential_ranks``:
+    Helmholtz F = U − T S among configurations with the same r0 on the fixed sphere, Gibbs
+    G = U − T S + p V with p = λ and V = r²/2 otherwise. Returns (rank, gap, description)."""
+    if protocol == "fixed_sphere":
+        rank, gap = potential_ranks(U, S, None, T, None, groups=r0)
+        return rank, gap, "Helmholtz F = U − T S (same r0)"
+    V = np.asarray(radius, dtype=float) ** 2 / 2
+    rank, gap = potential_ranks(U, S, V, T, wd)
+    return rank, gap, "Gibbs G = U − T S + pV (p = λ, V = r²/2)"
+
+
 def maxwell_fit(x, y, S_full, D, protocol):
     """Fit S = c0 + c1 x + c2 y + c3 x² + c4 y² + c5 xy and check a Maxwell relation (THEORY.md §7).
 

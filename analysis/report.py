@@ -259,10 +259,17 @@ def free_energy_section(sweep, out_dir, opts):
     res.notes.append(f"S = {ent}; ε = {opts.eps}; smoothing h = {opts.h}; {seg}")
     res.notes.append("uniform-reference loss asymptote not drawn: it needs the model "
                      "(trainables.entropy.uniform_sphere_reference with a loss_fn)")
+    return _for_each_group(res, tab, ("lr",), lambda label, g: _free_energy_group(
+        sweep, out_dir, opts, res, label, g.sort_values("lr"), ent, K))
+
+
+def _for_each_group(res, tab, axes, fn):
+    """Run ``fn(label, members)`` per group of members that differ only in ``axes``; a group that
+    raises Skip becomes a note, and the section is skipped when no group produced a summary row."""
     skipped = []
-    for label, g in group_members(tab, ("lr",)):
+    for label, g in group_members(tab, axes):
         try:
-            _free_energy_group(sweep, out_dir, opts, res, label, g.sort_values("lr"), ent, K)
+            fn(label, g)
         except Skip as e:
             skipped.append(f"group {label}: {e}")
     res.notes += skipped
@@ -562,16 +569,8 @@ def ideal_gas_section(sweep, out_dir, opts):
     tab = tab[tab["protocol"].isin(ig.PROTOCOLS)]
     if tab.empty:
         raise Skip(f"no member with a protocol in {ig.PROTOCOLS}")
-    skipped = []
-    for label, g in group_members(tab, ("lr", "wd", "r0")):
-        try:
-            _ideal_gas_group(sweep, out_dir, opts, res, label, g, S_key)
-        except Skip as e:
-            skipped.append(f"group {label}: {e}")
-    res.notes += skipped
-    if not res.summary_rows:
-        raise Skip("; ".join(skipped) or "no group of members")
-    return res
+    return _for_each_group(res, tab, ("lr", "wd", "r0"), lambda label, g: _ideal_gas_group(
+        sweep, out_dir, opts, res, label, g, S_key))
 
 
 def _ideal_gas_group(sweep, out_dir, opts, res, label, g, S_key):
@@ -700,12 +699,8 @@ def _ideal_gas_group(sweep, out_dir, opts, res, label, g, S_key):
         if len(tt) < 2:
             res.notes.append(f"group {label}: potential map skipped: needs train_loss and {S_key}")
         else:
-            if protocol == "fixed_sphere":
-                rank, gap = ig.potential_ranks(tt["U"], tt["S_full"], None, tt["T"], None, groups=tt["r0"])
-                kind = "Helmholtz F = U − T S (same r0)"
-            else:
-                rank, gap = ig.potential_ranks(tt["U"], tt["S_full"], tt["radius"] ** 2 / 2, tt["T"], tt["wd"])
-                kind = "Gibbs G = U − T S + pV"
+            rank, gap, kind = ig.protocol_potential_ranks(protocol, tt["U"], tt["S_full"], tt["radius"],
+                                                          tt["T"], tt["wd"], tt["r0"])
             t.loc[ok, "potential_rank"], t.loc[ok, "potential_gap"] = rank, gap
             row.update(potential=kind.split()[0], frac_own_minimum=float(np.mean(rank == 0)),
                        max_rank=int(rank.max()), mean_gap=float(np.mean(gap)))

@@ -249,12 +249,8 @@ def _potential(t, protocol):
     if ok.sum() < 2:
         return rank, gap, None
     tt = t[ok]
-    if protocol == "fixed_sphere":
-        r, g = ig.potential_ranks(tt["U_sim"], tt["S_full"], None, tt["T"], None, groups=tt["r0"])
-        kind = "Helmholtz F = U − T S_full (same r0)"
-    else:
-        r, g = ig.potential_ranks(tt["U_sim"], tt["S_full"], tt["radius"] ** 2 / 2, tt["T"], tt["wd"])
-        kind = "Gibbs G = U − T S_full + λ r²/2"
+    r, g, kind = ig.protocol_potential_ranks(protocol, tt["U_sim"], tt["S_full"], tt["radius"], tt["T"],
+                                             tt["wd"], tt["r0"])
     rank[ok], gap[ok] = r, g
     return rank, gap, kind
 

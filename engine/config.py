@@ -409,6 +409,14 @@ def _apply_overrides(raw, overrides, problems):
 
 # ----------------------------------------------------------------------------- the grid
 
+def checkpoint_due(every: int, last_checkpoint: int | None, iteration: int) -> bool:
+    """The ``checkpoint_every`` rule: at every log step when 0 (or before the first checkpoint),
+    else at the first log step at or after each multiple of ``every`` iterations."""
+    if last_checkpoint is None or every <= 0:
+        return True
+    return iteration // every > last_checkpoint // every
+
+
 @dataclass
 class Grid:
     experiment: str
@@ -459,9 +467,7 @@ class Grid:
 
     def checkpoint_due(self, last_checkpoint: int | None, iteration: int) -> bool:
         """Whether to checkpoint at this log step (``last_checkpoint`` = iteration of the previous one)."""
-        if last_checkpoint is None or self.checkpoint_every == 0:
-            return True
-        return iteration // self.checkpoint_every > last_checkpoint // self.checkpoint_every
+        return checkpoint_due(self.checkpoint_every, last_checkpoint, iteration)
 
     def table(self) -> str:
         """Trials and members with their axis values, one member a line."""

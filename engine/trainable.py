@@ -19,6 +19,7 @@ import ray
 import torch
 from ray import tune
 
+from engine.config import checkpoint_due
 from engine.reservoir import ReservoirSink
 from trainables.runner import make_runner
 
@@ -34,12 +35,6 @@ def trial_device(members: list[dict]) -> torch.device:
     if ray.get_gpu_ids() and torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
-
-
-def _checkpoint_due(every: int, last: int, iteration: int) -> bool:
-    if every <= 0:
-        return True
-    return iteration // every > last // every
 
 
 def train_bundle(config: dict) -> None:
@@ -72,7 +67,7 @@ def train_bundle(config: dict) -> None:
         t = event["iteration"]
         pending.append({"iteration": t, "rows": event["rows"], "running": event["running"]})
         finished = all(s != "running" for s in runner.status)
-        checkpoint = finished or _checkpoint_due(every, last_ckpt, t)
+        checkpoint = finished or checkpoint_due(every, last_ckpt, t)
         if not checkpoint and time.monotonic() - last_report < report_every:
             continue            # log steps come fast in short runs: hand them over in batches
         metrics = {

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import os
 
 DEFAULT_KS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]
 
@@ -29,10 +28,6 @@ MEMBER_DEFAULTS: dict = {
     "data_dir": None,
     "device": "auto",
 }
-
-
-def default_data_dir() -> str:
-    return os.environ.get("THERMOSWEEP_DATA") or os.path.expanduser("~/.cache/thermosweep/data")
 
 
 def fill_defaults(cfg: dict) -> dict:

@@ -19,7 +19,9 @@ import operator
 import numpy as np
 import torch
 
-DEFAULT_KS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+from trainables import defaults as _defaults
+
+DEFAULT_KS = tuple(_defaults.DEFAULT_KS)
 EULER_GAMMA = 0.5772156649015329
 _BLOCK_ELEMENTS = 2 ** 25  # float64 elements per column block (256 MB)
 

@@ -20,7 +20,7 @@ import torch
 from trainables import metrics as Mx
 from trainables import protocols
 from trainables.data import load_dataset
-from trainables.defaults import fill_defaults, resolve_device, default_data_dir
+from trainables.defaults import fill_defaults, resolve_device
 from trainables.models import build_model, flatten_si_parameters
 from trainables.schedule import SnapshotPlan, log_iterations
 
@@ -37,7 +37,7 @@ class NetworkRunner:
         cfg = fill_defaults(members[0])
         self.members = [cfg]
         self.device = resolve_device(device if device is not None else cfg["device"])
-        self.data = load_dataset(cfg["dataset"], data_dir=cfg["data_dir"] or default_data_dir(),
+        self.data = load_dataset(cfg["dataset"], data_dir=cfg["data_dir"],
                                  samples_per_label=cfg["samples_per_label"],
                                  data_seed=cfg["data_seed"], device=self.device)
         self.model = build_model(cfg["model"], cfg["width"], self.data.num_classes,

@@ -13,7 +13,8 @@ import math
 import torch
 
 from trainables.schedule import log_iterations
-from trainables.toys.vmf import _finish_at_end, check_bundle, resolve_device
+from trainables.defaults import resolve_device
+from trainables.toys.vmf import _finish_at_end, check_bundle
 
 DEFAULTS = {"model": "sphere_toy", "setting": "up", "lr": 0.1, "iterations": 50_000,
             "log_schedule": "sphere_toy", "radius": 1.0}

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from scipy.special import ive
 
+from trainables.defaults import resolve_device
 from trainables.schedule import SnapshotPlan, log_iterations
 
 # -----------------------------------------------------------------------------
@@ -101,13 +102,6 @@ DEFAULTS = {
 SHARED = ("model", "protocol", "dim", "mu_seed", "seed", "iterations", "running_every", "log_schedule",
           "entropy")
 CHUNK = 2000  # steps of noise drawn at once
-
-
-def resolve_device(device):
-    """torch.device from a name; 'auto' = cuda if available else cpu."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def check_bundle(members, defaults, shared):
