@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from trainables.data import sample_batch_indices
+
 CHUNK = 1024
 
 
@@ -101,14 +103,16 @@ def stochastic_gradients(model, x, y, grad: torch.Tensor, loss: str, M: int, bat
     model.train()
     n = x.shape[0]
     for _ in range(M):
-        idx = torch.randint(n, (batch_size,), generator=generator, device=x.device)
+        idx = sample_batch_indices(n, batch_size, generator)
         grad.zero_()
         batch_loss(model(x[idx]), y[idx], loss).backward()
         yield grad
 
 
-def variance_terms(stats: dict[str, torch.Tensor], radius: torch.Tensor, D: int) -> dict[str, torch.Tensor]:
-    """tr Σ, G² and σ² rescaled to the unit sphere (§3): tr Σ = rms²·r², G² = |ḡ|²·r², σ² = tr Σ/(D−1)."""
-    r2 = radius.double() ** 2
+def variance_terms(stats: dict, radius, D: int) -> dict:
+    """tr Σ, G² and σ² rescaled to the unit sphere (§3): tr Σ = rms²·r², G² = |ḡ|²·r², σ² = tr Σ/(D−1).
+
+    Works on device tensors and on the host floats of a log row alike."""
+    r2 = (radius.double() if torch.is_tensor(radius) else float(radius)) ** 2
     trace = stats["stoch_grad_rms"] ** 2 * r2
     return {"trace_sigma": trace, "grad_sq": stats["full_grad_norm"] ** 2 * r2, "sigma2": trace / (D - 1)}

@@ -19,7 +19,7 @@ import torch
 
 from trainables import metrics as Mx
 from trainables import protocols
-from trainables.data import load_dataset
+from trainables.data import load_dataset, sample_batch_indices
 from trainables.defaults import fill_defaults, resolve_device
 from trainables.models import build_model, flatten_si_parameters
 from trainables.schedule import SnapshotPlan, log_iterations
@@ -71,7 +71,7 @@ class NetworkRunner:
     def _step(self, t: int) -> None:
         """θ_t → θ_{t+1}: one minibatch, one backward, one protocol update; no host synchronisation."""
         x, y = self.data.x_train, self.data.y_train
-        idx = torch.randint(x.shape[0], (self.batch_size,), generator=self.gen, device=self.device)
+        idx = sample_batch_indices(x.shape[0], self.batch_size, self.gen)
         self.grad.zero_()
         loss = Mx.batch_loss(self.model(x[idx]), y[idx], self.loss)
         loss.backward()
@@ -116,9 +116,7 @@ class NetworkRunner:
         if sink is not None and self.plan.evaluates(t):
             row.update(sink.evaluate(t, self.plan.specs_at(t))[0])
         r_bar = row.get("window_radius", row["radius"])
-        row["trace_sigma"] = row["stoch_grad_rms"] ** 2 * r_bar ** 2
-        row["grad_sq"] = row["full_grad_norm"] ** 2 * r_bar ** 2
-        row["sigma2"] = row["trace_sigma"] / (self.D - 1)
+        row.update(Mx.variance_terms(row, r_bar, self.D))
         return row
 
     def run(self, sink=None) -> Iterator[dict]:
