@@ -85,9 +85,6 @@ class Reservoir:
         for cid in [c for c in st["chunks"] if c not in alive]:
             del st["chunks"][cid]
 
-    def known(self, trial_key: str) -> bool:
-        return trial_key in self.trials
-
     def evaluate(self, trial_key: str, t: int, n_members: int,
                  spec_ids: list[int] | None = None) -> list[dict] | None:
         """Entropy rows at log step t, or None if this reservoir does not know the trial (restarted)."""
@@ -189,7 +186,9 @@ class ReservoirSink:
         self.chunk = max(1, min(chunk_snapshots or CHUNK_SNAPSHOTS, CHUNK_BYTES // per_snapshot))
         self.buffer = torch.empty(self.chunk, n_members, D, device=device, dtype=torch.float32)
         self.buffered: list[int] = []
-        self.last_add = None        # the reservoir serves several threads: wait for our adds to land
+        # the reservoir serves calls on several threads, so our adds may land in any order: wait for
+        # all of them (not just the last) before asking for entropy
+        self.pending_adds: list = []
         self.reservoir = reservoir if reservoir is not None else get_reservoir()
         self._guard(lambda: ray.get(self.reservoir.register.remote(trial_key, self.specs)))
 
@@ -212,14 +211,16 @@ class ReservoirSink:
         k = len(self.buffered)
         ref = ray.put(self.buffer[:k].cpu().numpy().copy())
         its, self.buffered = self.buffered, []
-        self.last_add = self._guard(lambda: self.reservoir.add.remote(self.trial_key, its, [ref]))
+        ref_add = self._guard(lambda: self.reservoir.add.remote(self.trial_key, its, [ref]))
+        if ref_add is not None:
+            self.pending_adds.append(ref_add)
 
     def evaluate(self, t: int, spec_ids: list[int] | None = None) -> list[dict]:
         self.flush()
         missing = [{"entropy_missing": 1.0} for _ in range(self.n_members)]
-        if self.last_add is not None:
-            self._guard(lambda: ray.get(self.last_add))
-            self.last_add = None
+        if self.pending_adds:
+            self._guard(lambda: ray.get(self.pending_adds))
+            self.pending_adds = []
         rows = self._guard(lambda: ray.get(
             self.reservoir.evaluate.remote(self.trial_key, t, self.n_members, spec_ids)))
         if rows is None:
