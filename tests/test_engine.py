@@ -215,6 +215,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 INTERRUPT_LRS = [0.01, 0.02, 0.03, 0.1, 0.2, 0.3]   # enough trials that Ctrl-C lands mid-sweep
+INTERRUPT_ITERS = 1200   # long enough that Ctrl-C lands inside a trial, not as the sweep ends
 
 
 def test_interrupted_sweep_resumes_only_what_was_left(tmp_path):
@@ -227,7 +228,7 @@ def test_interrupted_sweep_resumes_only_what_was_left(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [sys.executable, str(script), str(DEMO), "--num-cpus", "2", "--num-gpus", "0", "--max-concurrent", "1",
             "--tracking-uri", uri, "--storage-path", str(tmp_path / "rr"), "--verbose", "0",
-            "--set", "experiment=resume", "--set", "iterations=400", "--set", "log_schedule=every:50",
+            "--set", "experiment=resume", "--set", f"iterations={INTERRUPT_ITERS}", "--set", "log_schedule=every:50",
             "--set", f"lr={INTERRUPT_LRS}", "--set", "checkpoint_every=100",
             *(a for s in TINY for a in ("--set", s))]
     proc = subprocess.Popen(args, cwd=tmp_path, env=repo_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -267,7 +268,7 @@ def test_interrupted_sweep_resumes_only_what_was_left(tmp_path):
     parent, children = mlflow_member_runs(uri, "resume")
     c = MlflowClient(tracking_uri=uri)
     assert sorted(children) == [f"m{i:04d}" for i in range(len(INTERRUPT_LRS))]
-    steps = log_iterations("every:50", 400)
+    steps = log_iterations("every:50", INTERRUPT_ITERS)
     for mid, run in children.items():
         run = c.get_run(run.info.run_id)
         assert run.data.tags["thermosweep.status"] == "done", mid
