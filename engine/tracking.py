@@ -197,7 +197,29 @@ class MLflowTracker(Callback):
                         pass
 
     def on_experiment_end(self, trials, **info):
+        self.reconcile(trials)
         self.close()
+
+    def reconcile(self, trials) -> None:
+        """Bring MLflow in line with Tune's own record of each trial.
+
+        Tune saves its experiment state independently of this callback, so an interrupted driver
+        (a second Ctrl-C, a killed process) can leave a trial TERMINATED in Tune's state while its
+        members still read ``running`` here; ``--resume`` then has nothing to rerun for it. Called at
+        the end of every run, including a resume: a finished trial's last result is logged again
+        (already-logged steps are skipped) and its members still open are closed."""
+        for trial in trials:
+            ids = [m for m, _ in trial.config["trial"]["members"]]
+            if not any(self.status.get(m) in ("running", "pending") for m in ids):
+                continue
+            last = trial.last_result or {}
+            # TERMINATED alone is not enough: Tune also stops the trials it interrupts that way (they
+            # are saved as unfinished and rerun on a resume); a finished trial's last result is done
+            if trial.status != "TERMINATED" or not last.get("done"):
+                continue
+            if last.get("member_ids"):
+                self.log_result(last)
+            self.on_trial_complete(0, trials, trial)
 
     def close(self) -> None:
         if self.parent_id is None:

@@ -201,6 +201,39 @@ def test_killed_trial_resumes_and_matches(ray_session, tmp_path, tracking_uri):
         assert len({s for s, _ in faulty}) == len(faulty)
 
 
+def test_resume_closes_members_tune_finished_but_mlflow_left_running(ray_session, tmp_path, tracking_uri):
+    """The fault: the driver dies after Tune saved a trial as TERMINATED but before our callback closed
+    its members (it cannot be timed from outside, so the test puts the store in that state by hand).
+    ``--resume`` has nothing to rerun and must still close the members and the sweep."""
+    from mlflow.tracking import MlflowClient
+
+    from engine.config import load_grid
+    from engine.sweep import run_sweep
+
+    grid = load_grid(DEMO, overrides=["experiment=reconcile", "iterations=60", "log_schedule=every:20",
+                                      "lr=[0.05, 0.1]", *TINY])
+    storage = str(tmp_path / "rr")
+    first = run_sweep(grid, tracking_uri=tracking_uri, storage_path=storage, verbose=0)
+    assert first["members"]["done"] == 2, first
+    c = MlflowClient(tracking_uri=tracking_uri)
+    parent, children = mlflow_member_runs(tracking_uri, "reconcile")
+    victim = children["m0001"].info.run_id
+    before = {m: _history(tracking_uri, r.info.run_id, "train_loss") for m, r in children.items()}
+    c.set_tag(victim, "thermosweep.status", "running")
+    c.update_run(victim, status="RUNNING")
+    c.set_tag(parent.info.run_id, "thermosweep.sweep_status", "interrupted")
+
+    again = run_sweep(grid, tracking_uri=tracking_uri, storage_path=storage, resume="latest", verbose=0)
+    assert again["sweep_id"] == first["sweep_id"]
+    run = c.get_run(victim)
+    assert run.data.tags["thermosweep.status"] == "done"
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["thermosweep.regime"] in ("stationary", "converged")
+    assert c.get_run(parent.info.run_id).data.tags["thermosweep.sweep_status"] == "finished"
+    after = {m: _history(tracking_uri, r.info.run_id, "train_loss") for m, r in children.items()}
+    assert after == before          # nothing re-ran and nothing was logged twice
+
+
 # ----------------------------------------------------------------------------- 5. interrupt and --resume
 
 RECORDING_MAIN = """
