@@ -113,6 +113,44 @@ def test_vmf_divergence_marks_member():
     assert events[-1]["rows"][1] is None and events[-1]["rows"][0] is not None
 
 
+def _reference_steps(protocol, theta, v, lr, wd, r0):
+    """THEORY.md §2 written out: g = P_θ(v)/|θ| with P_θ the tangent projection, v = μ + σ ξ."""
+    theta = theta.copy()
+    for vk in v:
+        r = np.linalg.norm(theta, axis=1, keepdims=True)
+        u = theta / r
+        g = (vk - np.sum(vk * u, axis=1, keepdims=True) * u) / r
+        if protocol == "fixed_elr":
+            theta = theta - lr * r ** 2 * (g + wd * theta)
+        elif protocol == "fixed_lr":
+            theta = theta - lr * (g + wd * theta)
+        else:
+            tilde = theta - lr * r0 ** 2 * g          # the step uses η = η_eff r0²
+            theta = r0 * tilde / np.linalg.norm(tilde, axis=1, keepdims=True)
+    return theta
+
+
+@pytest.mark.parametrize("protocol", ["fixed_elr", "fixed_lr", "fixed_sphere"])
+def test_vmf_steps_numpy_and_torch_paths_follow_the_protocol(protocol):
+    from trainables.toys.vmf import _np_dot, _torch_dot, _walk
+    rng = np.random.default_rng(3)
+    n, D = 6, 3
+    r0 = rng.uniform(0.5, 2.0, (n, 1))
+    theta = rng.standard_normal((n, D))
+    if protocol == "fixed_sphere":
+        theta *= r0 / np.linalg.norm(theta, axis=1, keepdims=True)
+    v = rng.standard_normal((5, n, D)) + np.array([0.3, -0.2, 0.9])
+    lr, wd = rng.uniform(0.01, 0.2, (n, 1)), rng.uniform(0.01, 0.2, (n, 1))
+    expected = _reference_steps(protocol, theta, v, lr, wd, r0)
+    out = {}
+    _walk(protocol, theta.copy(), v, lr, wd, r0, _np_dot, np.sqrt, lambda t: out.__setitem__("np", t))
+    T = lambda a: torch.from_numpy(a.copy())  # noqa: E731
+    _walk(protocol, T(theta), T(v), T(lr), T(wd), T(r0), _torch_dot, torch.sqrt,
+          lambda t: out.__setitem__("torch", t.numpy()))
+    np.testing.assert_allclose(out["np"], expected, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(out["torch"], expected, rtol=1e-12, atol=1e-14)
+
+
 def _resume_equal(make_runner, make_sink, n_before):
     full = make_runner()
     reference = list(full.run(make_sink()))

@@ -179,38 +179,30 @@ class VMFRunner:
 
     # -- the hot loop --------------------------------------------------------
     def _steps(self, v):
-        """Apply len(v) protocol steps; v[k] = μ + σ ξ_k, shape (n, D). Returns the last r̃ (sphere)."""
-        theta, lr, vecdot = self.theta, self.lr, torch.linalg.vecdot
-        r_pre = None
-        if self.protocol == "fixed_elr":  # θ ← θ(1 − ηλr² + η⟨v,θ⟩/r) − η r v
-            a = lr * self.wd
-            for vk in v:
-                r2 = vecdot(theta, theta)[:, None]
-                r = r2.sqrt()
-                coef = 1.0 - a * r2 + lr * vecdot(vk, theta)[:, None] / r
-                theta = theta * coef - (lr * r) * vk
-        elif self.protocol == "fixed_lr":  # θ ← θ(1 − ηλ + η⟨v,θ⟩/r³) − (η/r) v
-            one_minus = 1.0 - lr * self.wd
-            for vk in v:
-                r = torch.linalg.vector_norm(theta, dim=1, keepdim=True)
-                b = lr / r
-                coef = one_minus + b * vecdot(vk, theta)[:, None] / (r * r)
-                theta = theta * coef - b * vk
-        else:  # fixed sphere, |θ| = r0: θ̃ = θ(1 + η_eff⟨v,θ⟩/r0) − η_eff r0 v, then θ ← r0 θ̃/|θ̃|
-            r0 = self.r0
-            b = lr * r0
-            c = lr / r0
-            for vk in v:
-                tilde = theta * (1.0 + c * vecdot(vk, theta)[:, None]) - b * vk
-                r_pre = torch.linalg.vector_norm(tilde, dim=1, keepdim=True)
-                theta = tilde * (r0 / r_pre)
+        """Apply len(v) protocol steps; v[k] = μ + σ ξ_k, shape (n, D). Returns the last r̃ (sphere).
+
+        On the CPU the loop runs on numpy views of the same memory: a step is a dozen operations on
+        (n, D) arrays, where numpy's per-call cost is about a quarter of torch's (4× faster overall);
+        on a GPU it stays in torch."""
+        if self.theta.device.type == "cpu":
+            r_pre = _walk(self.protocol, self.theta.numpy(), v.numpy(), self.lr.numpy(), self.wd.numpy(),
+                          self.r0.numpy(), _np_dot, np.sqrt, self._set_theta_np)
+            return None if r_pre is None else torch.from_numpy(r_pre)
+        return _walk(self.protocol, self.theta, v, self.lr, self.wd, self.r0, _torch_dot, torch.sqrt,
+                     self._set_theta)
+
+    def _set_theta(self, theta):
         self.theta = theta
-        return r_pre
+
+    def _set_theta_np(self, theta):
+        self.theta = torch.from_numpy(theta)
 
     def _noise(self, steps):
+        # ξ is drawn in float32 (4× faster than float64 on a CPU; ample for Gaussian noise), v = μ + σ ξ
+        # and the walkers are float64
         xi = torch.randn(steps, len(self.members), self.D, generator=self.gen, device=self.device,
-                         dtype=torch.float64)
-        return xi.mul_(self.sigma).add_(self.mu)
+                         dtype=torch.float32)
+        return torch.addcmul(self.mu, xi.to(torch.float64), self.sigma)
 
     def run(self, sink=None):
         """Train to the end, yielding one event per log step (DESIGN.md "Runners")."""
@@ -299,6 +291,40 @@ class VMFRunner:
         self.acc = d["acc"].to(self.device)
         self.acc_count = int(d["acc_count"])
         self.r_pre = d["r_pre"].to(self.device)
+
+
+def _np_dot(a, b):
+    return np.einsum("ij,ij->i", a, b)[:, None]
+
+
+def _torch_dot(a, b):
+    return torch.linalg.vecdot(a, b)[:, None]
+
+
+def _walk(protocol, theta, v, lr, wd, r0, dot, sqrt, store):
+    """The protocol steps of VMFRunner on numpy arrays or torch tensors alike (``dot`` and ``sqrt``
+    from the matching library); ``store`` receives the final θ. Returns the last r̃ (fixed sphere)."""
+    r_pre = None
+    if protocol == "fixed_elr":  # θ ← θ(1 − ηλr² + η⟨v,θ⟩/r) − η r v
+        a = lr * wd
+        for vk in v:
+            r2 = dot(theta, theta)
+            r = sqrt(r2)
+            theta = theta * (1.0 - a * r2 + lr * dot(vk, theta) / r) - (lr * r) * vk
+    elif protocol == "fixed_lr":  # θ ← θ(1 − ηλ + η⟨v,θ⟩/r³) − (η/r) v
+        one_minus = 1.0 - lr * wd
+        for vk in v:
+            r2 = dot(theta, theta)
+            b = lr / sqrt(r2)
+            theta = theta * (one_minus + b * dot(vk, theta) / r2) - b * vk
+    else:  # fixed sphere, |θ| = r0: θ̃ = θ(1 + η_eff⟨v,θ⟩/r0) − η_eff r0 v, then θ ← r0 θ̃/|θ̃|
+        b, c = lr * r0, lr / r0
+        for vk in v:
+            tilde = theta * (1.0 + c * dot(vk, theta)) - b * vk
+            r_pre = sqrt(dot(tilde, tilde))
+            theta = tilde * (r0 / r_pre)
+    store(theta)
+    return r_pre
 
 
 def _finish_at_end(status: list, t: int, iterations: int) -> None:
