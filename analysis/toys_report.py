@@ -31,6 +31,7 @@ import sys
 import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
+from scipy.stats import t as student_t
 
 from analysis import figures as fg
 from analysis import ideal_gas as ig
@@ -65,8 +66,8 @@ SPHERE_METRICS = (("train_loss", "train loss"), ("snr", "snr"),
 # -----------------------------------------------------------------------------
 # helpers
 
-def tail_mean(iterations, values, window_iters):
-    """Mean of the last log rows that cover ``window_iters`` iterations, and how many rows.
+def tail_rows(iterations, values, window_iters):
+    """The last log rows that cover ``window_iters`` iterations.
 
     Each row is a running mean since the previous log step, so the row count is
     round(window_iters / Δ) with Δ the median log spacing; at least 1 row, at most half of the
@@ -76,14 +77,24 @@ def tail_mean(iterations, values, window_iters):
     v = np.asarray(values, dtype=float)
     ok = np.isfinite(v) & np.isfinite(it)
     it, v = it[ok], v[ok]
-    if v.size == 0:
-        return float("nan"), 0
-    if v.size == 1:
-        return float(v[0]), 1
+    if v.size <= 1:
+        return v
     delta = float(np.median(np.diff(it[-min(it.size, 20):])))
     n = int(round(window_iters / delta)) if delta > 0 else 1
-    n = max(1, min(n, v.size // 2))
-    return float(v[-n:].mean()), n
+    return v[-max(1, min(n, v.size // 2)):]
+
+
+def tail_mean(iterations, values, window_iters):
+    """(mean, number of rows) of ``tail_rows``."""
+    v = tail_rows(iterations, values, window_iters)
+    return (float(v.mean()) if v.size else float("nan")), int(v.size)
+
+
+def batch_sem(rows):
+    """Standard error of the mean of log rows treated as independent batch means (each row averages
+    a whole log interval, far longer than the toy's correlation time); NaN below 5 rows."""
+    rows = np.asarray(rows, dtype=float)
+    return float(rows.std(ddof=1) / math.sqrt(rows.size)) if rows.size >= 5 else float("nan")
 
 
 def last_mean(values, k):
@@ -170,7 +181,9 @@ def vmf_member_table(sweep, members, u_window=None, p_window=None, entropy_last=
         T = float(vmf_temperature(protocol, row["lr"], wd, noise, D))
         row["T"], row["kappa"] = T, (1.0 / T if T > 0 else float("nan"))
         it, U = _series_of(sweep, rid, "train_loss")
-        row["U_sim"], row["U_rows"] = tail_mean(it, U, u_window)
+        rows_u = tail_rows(it, U, u_window)
+        row["U_sim"] = float(rows_u.mean()) if rows_u.size else float("nan")
+        row["U_rows"], row["U_sem"] = int(rows_u.size), batch_sem(rows_u)
         _, S = _series_of(sweep, rid, "entropy_kl_sphere")
         row["S_sim"], row["S_sem"], row["S_evals"] = last_mean(S, entropy_last)
         _, Sf = _series_of(sweep, rid, "entropy_kl_full")
@@ -192,6 +205,8 @@ def vmf_member_table(sweep, members, u_window=None, p_window=None, entropy_last=
         t.loc[ok, "U_exact"] = vmf_loss(t.loc[ok, "kappa"].to_numpy(), D)
         t.loc[ok, "S_exact"] = vmf_entropy(t.loc[ok, "kappa"].to_numpy(), D)
     t["U_rel_err"] = np.abs(t["U_sim"] - t["U_exact"]) / t["U_exact"]
+    # U's distance from the exact value in units of its own sampling error (batch means of the rows)
+    t["U_z"] = (t["U_sim"] - t["U_exact"]) / t["U_sem"]
     t["S_abs_err"] = np.abs(t["S_sim"] - t["S_exact"])
     # discrete-step correction of §7 with this toy's exact tr Σ = σ²(D − 1) and, under the vMF law,
     # G² = E|μ_tangent|² = 1 − E[cos²] = (D − 1) A_D(κ)/κ (our addition; informative only)
@@ -267,6 +282,17 @@ def vmf_summary(t, protocol):
            "S_abs_err_max": _stat(inn["S_abs_err"], np.max),
            "S_abs_err_max_all": _stat(t["S_abs_err"], np.max),
            "S_sem_median": _stat(t["S_sem"], np.median)}
+    # is the U error sampling noise? |z| of U − U_exact against its batch-means standard error, and
+    # how many |z| > 3 a simulation that follows the exact law would give (Student t, rows − 1 dof)
+    z = np.abs(inn["U_z"].to_numpy(dtype=float))
+    z = z[np.isfinite(z)]
+    row["U_rel_sem_median"] = _stat(inn["U_sem"] / inn["U_exact"], np.median)
+    row["U_abs_z_median"] = _stat(z, np.median)
+    row["U_abs_z_max"] = _stat(z, np.max)
+    row["U_n_abs_z_gt3"] = int((z > 3).sum())
+    dof = _stat(inn["U_rows"], np.median) - 1
+    row["U_n_abs_z_gt3_expected"] = (float(z.size * 2 * student_t.sf(3.0, dof)) if z.size and dof >= 1
+                                     else float("nan"))
     what = "pressure" if protocol == "fixed_sphere" else "radius"
     row[f"{what}_rel_err_median"] = _stat(inn["radius_rel_err"], np.median)
     row[f"{what}_rel_err_max"] = _stat(inn["radius_rel_err"], np.max)
@@ -321,6 +347,12 @@ def _vmf_group(sweep, out_dir, res, label, g, opts):
     sec_sym = r"$r_0$" if second == "r0" else r"$\lambda$"
     xsym = r"$\eta_\mathrm{eff}$" if protocol != "fixed_lr" else r"$\eta$"
     row = {"group": label, **vmf_summary(t, protocol)}
+    if np.isfinite(row["U_abs_z_median"]):
+        res.notes.append(
+            f"group {label}: U − U_exact over its batch-means standard error (median {100 * row['U_rel_sem_median']:.2g}% "
+            f"of U): median |z| {row['U_abs_z_median']:.2f}, max {row['U_abs_z_max']:.2f}; "
+            f"{row['U_n_abs_z_gt3']} interior members with |z| > 3, {row['U_n_abs_z_gt3_expected']:.1f} "
+            "expected from sampling noise alone")
 
     # V3 Maxwell and V2 potentials (the generic ideal_gas section needs σ² metrics the toy does not log)
     mf = None

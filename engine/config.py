@@ -41,8 +41,10 @@ MODEL_DEFAULTS = {
 TOY_KEYS = {key: model for model, keys in MODEL_DEFAULTS.items() for key in keys if key not in MEMBER_DEFAULTS}
 
 ENTROPY_DEFAULTS = {
-    "knn": {"window": 1000, "stride": 1, "ks": list(DEFAULT_KS), "evaluate_last": None},
-    "kl": {"window": 4000, "stride": 25, "standardize": False, "evaluate_last": None},
+    "knn": {"window": 1000, "stride": 1, "ks": list(DEFAULT_KS), "evaluate_last": None,
+             "evaluate_every": None},
+    "kl": {"window": 4000, "stride": 25, "standardize": False, "evaluate_last": None,
+           "evaluate_every": None},
 }
 
 VALID = {
@@ -201,7 +203,8 @@ def _entropy_specs(v):
         full = {"name": name, **copy.deepcopy(ENTROPY_DEFAULTS[name])}
         checks = {"window": _int("entropy window", 2), "stride": _int("entropy stride", 1),
                   "ks": _ks, "standardize": _bool("standardize"),
-                  "evaluate_last": _optional(_int("evaluate_last", 1))}
+                  "evaluate_last": _optional(_int("evaluate_last", 1)),
+                  "evaluate_every": _optional(_int("evaluate_every", 1))}
         for key, value in spec.items():
             if key == "name":
                 continue

@@ -92,7 +92,7 @@ def test_paper_settings_in_grids():
     _, cfg = ig.members()[0]
     assert cfg["protocol"] == "fixed_lr" and cfg["log_schedule"] == "ideal_gas"
     assert cfg["entropy"] == [{"name": "kl", "window": 4000, "stride": 25, "standardize": False,
-                              "evaluate_last": None}]
+                              "evaluate_last": None, "evaluate_every": None}]
     assert (cfg["model"], cfg["width"], cfg["num_stoch_grads"]) == ("resnet18", 4, 4000)
     assert load_grid(GRIDS / "fixed_sphere.yaml").members()[0][1]["wd"] == 0.0
 
@@ -115,7 +115,7 @@ def test_demo_members_and_trials():
     cfg = members[0][1]
     assert (cfg["dataset"], cfg["iterations"], cfg["batch_size"], cfg["num_stoch_grads"]) == ("digits", 3000, 64, 20)
     assert cfg["entropy"] == [{"name": "knn", "window": 200, "stride": 1, "ks": [1, 2, 5, 10, 20, 50, 100, 199],
-                              "evaluate_last": None}]
+                              "evaluate_last": None, "evaluate_every": None}]
     assert cfg["seed"] == 0 and cfg["head_seed"] == 4  # untouched defaults
     trials = grid.trials()
     assert len(trials) == 16 and all(len(t["members"]) == 1 for t in trials)

@@ -173,6 +173,14 @@ def test_snapshot_plan_evaluate_last_keeps_only_the_last_steps():
     assert plan.snapshot_iters == set(range(16, 21)) | set(range(26, 31))
 
 
+def test_snapshot_plan_evaluate_every_then_last():
+    # log every 10, entropy only at multiples of 40, then the last 2 of those
+    spec = {"name": "kl", "window": 4, "stride": 5, "evaluate_every": 40, "evaluate_last": 2}
+    plan = SnapshotPlan(list(range(10, 201, 10)), [spec])
+    assert [t for t in range(0, 201) if plan.evaluates(t)] == [160, 200]
+    assert plan.snapshot_iters == {145, 150, 155, 160, 185, 190, 195, 200}
+
+
 def test_local_sink_evaluates_only_the_requested_specs():
     specs = [{"name": "knn", "window": 3, "ks": [1]}, {"name": "kl", "window": 3}]
     snaps = snapshots(range(0, 3), D=4, n_members=1, seed=2)

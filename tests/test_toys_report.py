@@ -33,6 +33,7 @@ R0S = np.logspace(-1, 1, 5)
 ITERS, EVERY = 600_000, 40_000            # 15 log rows; U window 250k → 6 rows, r̃ 150k → 4 rows
 ITS = np.arange(EVERY, ITERS + 1, EVERY, dtype=float)
 EPS = 0.02                                 # ± wiggle on the last entropy values (mean 0)
+UWIG = 1e-3                                # ± wiggle on the U rows of the window, relative to exact U
 
 
 def _A3(k):
@@ -94,7 +95,9 @@ def _vmf_metrics(protocol, i, j, lr, x):
     U = U3(k) * (1 + du)
     S = S3(k) + ds
     S_full = S3(k) + 2 * math.log(r) + (AD.get((i, j), 0.0) if protocol == "fixed_lr" else 0.0)
-    m = {"train_loss": (ITS, _tail(U, 6, 3 * U)),
+    u_rows = _tail(U, 6, 3 * U)
+    u_rows[-6:] += U3(k) * UWIG * np.array([1, -1] * 3)          # mean unchanged, batch s.e. U·UWIG/√5
+    m = {"train_loss": (ITS, u_rows),
          "entropy_kl_sphere": _entropy(S), "entropy_kl_full": _entropy(S_full)}
     if protocol == "fixed_sphere":
         p = lr / x**2 * (1 + dr)                                   # λ_eff = η/r0² (1 + δ)
@@ -175,6 +178,10 @@ def test_vmf_exact_fixed_elr_errors_equal_injected(store, tmp_path):
     assert np.allclose(t["S_exact"], S3(2 / t["lr"]), rtol=0, atol=1e-10)
     assert np.allclose(t["S_sem"], EPS / 3, rtol=1e-9)            # std of ±ε (ddof 1) / √10
     assert (t["U_rows"] == 6).all()
+    # six rows alternating ±δ: std (ddof 1) δ√(6/5), s.e. δ/√5; z = (U_sim − U_exact)/s.e.
+    assert np.allclose(t["U_sem"], t["U_exact"] * UWIG / math.sqrt(5), rtol=1e-6)
+    du = np.array([_expected(store, "fixed_elr", "du")[rid][1] for rid in t.index])
+    assert np.allclose(t["U_z"], du * math.sqrt(5) / UWIG, rtol=1e-6)
     # discrete-step radius (§7) with tr Σ = 2 and the vMF G² = 2 A_3(κ)/κ: r² = η (1 + A_3/κ)/λ
     k = 2 / t["lr"]
     assert np.allclose(t["r_discrete"], np.sqrt(t["lr"] * (1 + _A3(k) / k) / t["wd"]), rtol=1e-10)
@@ -183,6 +190,9 @@ def test_vmf_exact_fixed_elr_errors_equal_injected(store, tmp_path):
     assert row["U_rel_err_median"] == pytest.approx(0.01, rel=1e-9)
     assert row["U_rel_err_max"] == pytest.approx(0.08, rel=1e-9)
     assert row["U_rel_err_max_all"] == pytest.approx(0.5, rel=1e-9)
+    assert row["U_abs_z_median"] == pytest.approx(0.01 * math.sqrt(5) / UWIG, rel=1e-6)
+    assert row["U_abs_z_max"] == pytest.approx(0.08 * math.sqrt(5) / UWIG, rel=1e-6)
+    assert row["U_n_abs_z_gt3"] == 9 and row["U_n_abs_z_gt3_expected"] < 1
     assert row["S_abs_err_median"] == pytest.approx(0.05, rel=1e-8)
     assert row["S_abs_err_max"] == pytest.approx(0.2, rel=1e-8)
     assert row["S_abs_err_max_all"] == pytest.approx(1.0, rel=1e-8)

@@ -3,9 +3,10 @@
 A log schedule is a sorted list of iterations at which the full metrics are computed. An entropy
 estimator spec (``{"name": "knn", "window": N, "stride": s}``) defines, for a log step ``t``, a window of
 the N most recent iterations that are multiples of ``s`` and not after ``t``. Entropy is evaluated at
-every log step whose window is complete (it starts at iteration ≥ 0) — or, when the spec has ``evaluate_last: K``,
-at the last K such steps only. Only the snapshots that fall in
-an evaluated window are ever taken.
+every log step whose window is complete (it starts at iteration ≥ 0); ``evaluate_every: M`` keeps only
+the log steps that are multiples of M (entropy sparser than the other metrics, as in THEORY.md §8) and
+``evaluate_last: K`` then keeps the last K of those. Only the snapshots that fall in an evaluated window
+are ever taken.
 """
 from __future__ import annotations
 
@@ -93,6 +94,9 @@ class SnapshotPlan:
         for spec in self.specs:
             n, s = int(spec["window"]), int(spec.get("stride", 1))
             steps = sorted(t for t in log_iters if window_complete(t, n, s))
+            every = spec.get("evaluate_every")
+            if every:
+                steps = [t for t in steps if t % int(every) == 0]
             last = spec.get("evaluate_last")
             if last:                      # only the last K eligible log steps (e.g. THEORY.md §8's 10)
                 steps = steps[-int(last):]
