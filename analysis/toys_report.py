@@ -207,6 +207,16 @@ def vmf_member_table(sweep, members, u_window=None, p_window=None, entropy_last=
     t["U_rel_err"] = np.abs(t["U_sim"] - t["U_exact"]) / t["U_exact"]
     # U's distance from the exact value in units of its own sampling error (batch means of the rows)
     t["U_z"] = (t["U_sim"] - t["U_exact"]) / t["U_sem"]
+    if protocol != "fixed_lr":
+        # our addition, informative: with a fixed η_eff the direction makes discrete steps whose
+        # tangent components follow x ← (1 − η_eff) x + η_eff σ ξ near the minimum, of stationary
+        # variance η_eff σ²/(2 − η_eff): the vMF law at T/(1 − η_eff/2) instead of T
+        t["U_discrete"] = np.nan
+        if ok.any():
+            kd = t.loc[ok, "kappa"].to_numpy() * (1 - t.loc[ok, "lr"].to_numpy() / 2)
+            t.loc[ok, "U_discrete"] = vmf_loss(kd, D)
+        t["U_discrete_rel_err"] = np.abs(t["U_sim"] - t["U_discrete"]) / t["U_discrete"]
+        t["U_discrete_z"] = (t["U_sim"] - t["U_discrete"]) / t["U_sem"]
     t["S_abs_err"] = np.abs(t["S_sim"] - t["S_exact"])
     # discrete-step correction of §7 with this toy's exact tr Σ = σ²(D − 1) and, under the vMF law,
     # G² = E|μ_tangent|² = 1 − E[cos²] = (D − 1) A_D(κ)/κ (our addition; informative only)
@@ -293,6 +303,13 @@ def vmf_summary(t, protocol):
     dof = _stat(inn["U_rows"], np.median) - 1
     row["U_n_abs_z_gt3_expected"] = (float(z.size * 2 * student_t.sf(3.0, dof)) if z.size and dof >= 1
                                      else float("nan"))
+    if "U_discrete" in inn:
+        zd = np.abs(inn["U_discrete_z"].to_numpy(dtype=float))
+        zd = zd[np.isfinite(zd)]
+        row["U_discrete_rel_err_median"] = _stat(inn["U_discrete_rel_err"], np.median)
+        row["U_discrete_rel_err_max"] = _stat(inn["U_discrete_rel_err"], np.max)
+        row["U_discrete_abs_z_median"] = _stat(zd, np.median)
+        row["U_discrete_n_abs_z_gt3"] = int((zd > 3).sum())
     what = "pressure" if protocol == "fixed_sphere" else "radius"
     row[f"{what}_rel_err_median"] = _stat(inn["radius_rel_err"], np.median)
     row[f"{what}_rel_err_max"] = _stat(inn["radius_rel_err"], np.max)
@@ -352,7 +369,10 @@ def _vmf_group(sweep, out_dir, res, label, g, opts):
             f"group {label}: U − U_exact over its batch-means standard error (median {100 * row['U_rel_sem_median']:.2g}% "
             f"of U): median |z| {row['U_abs_z_median']:.2f}, max {row['U_abs_z_max']:.2f}; "
             f"{row['U_n_abs_z_gt3']} interior members with |z| > 3, {row['U_n_abs_z_gt3_expected']:.1f} "
-            "expected from sampling noise alone")
+            "expected from sampling noise alone"
+            + (f"; against the discrete-step U (vMF at T/(1 − η_eff/2)): median |z| "
+               f"{row['U_discrete_abs_z_median']:.2f}, {row['U_discrete_n_abs_z_gt3']} with |z| > 3"
+               if "U_discrete_abs_z_median" in row else ""))
 
     # V3 Maxwell and V2 potentials (the generic ideal_gas section needs σ² metrics the toy does not log)
     mf = None

@@ -182,6 +182,10 @@ def test_vmf_exact_fixed_elr_errors_equal_injected(store, tmp_path):
     assert np.allclose(t["U_sem"], t["U_exact"] * UWIG / math.sqrt(5), rtol=1e-6)
     du = np.array([_expected(store, "fixed_elr", "du")[rid][1] for rid in t.index])
     assert np.allclose(t["U_z"], du * math.sqrt(5) / UWIG, rtol=1e-6)
+    # discrete-step U of fixed ELR: the D = 3 law at κ(1 − η/2), κ = 2/η
+    assert np.allclose(t["U_discrete"], U3((1 - t["lr"] / 2) * 2 / t["lr"]), rtol=1e-10)
+    assert np.allclose(t["U_discrete_rel_err"],
+                       np.abs(t["U_exact"] * (1 + du) / t["U_discrete"] - 1), rtol=1e-8)
     # discrete-step radius (§7) with tr Σ = 2 and the vMF G² = 2 A_3(κ)/κ: r² = η (1 + A_3/κ)/λ
     k = 2 / t["lr"]
     assert np.allclose(t["r_discrete"], np.sqrt(t["lr"] * (1 + _A3(k) / k) / t["wd"]), rtol=1e-10)
