@@ -258,6 +258,7 @@ KEY_CHECKS = {
     "log_schedule": _log_schedule,
     "running_every": _int("running_every", 1),
     "num_stoch_grads": _int("num_stoch_grads", 1),
+    "stochastic_entropy": _bool("stochastic_entropy"),
     "entropy": _entropy_specs,
     "data_dir": _text("data_dir"),
     "device": _device,

@@ -273,6 +273,51 @@ def test_log_row_values_are_consistent_with_theory():
         assert r["radius_preproj"] > r0
 
 
+@pytest.mark.parametrize("protocol,r0,wd,lr", [("fixed_sphere", 2.0, 0.0, 0.05), ("fixed_elr", 1.5, 0.01, 0.01),
+                                               ("fixed_lr", 1.0, 0.01, 0.05)])
+def test_stochastic_entropy_of_the_displacements_by_hand(protocol, r0, wd, lr):
+    from trainables import metrics as Mx
+    from trainables.trial import METRIC_SEED_OFFSET
+    M = 9
+    cfg = config(iterations=20, log_schedule="every:10", num_stoch_grads=M, radius=r0, lr=lr, wd=wd,
+                 protocol=protocol, entropy=[{"name": "knn", "window": 4, "ks": [1, 3]}])
+    runner, sink = make({**cfg, "stochastic_entropy": True})
+    events = list(runner.run(sink))
+    row = events[-1]["rows"][0]
+    plain, plain_sink = make(cfg)
+    plain_rows = [e["rows"][0] for e in plain.run(plain_sink)]
+    assert runner.status == ["done"] and torch.isfinite(runner.theta).all()
+    assert torch.equal(plain.theta, runner.theta)                 # the option does not touch training
+    assert {k: v for k, v in row.items() if not k.startswith("stoch_entropy")} == plain_rows[-1]
+    assert {"stoch_entropy_knn_k1", "stoch_entropy_knn_k3"} <= set(row)
+
+    # the same M gradients again: the metric generator as it was before the last log step's draws
+    gen = torch.Generator().manual_seed(cfg["seed"] + METRIC_SEED_OFFSET)
+    d = runner.data
+    for _ in range(2):                                              # log steps 10 and 20 draw M each
+        grads = [g.clone() for g in Mx.stochastic_gradients(runner.model, d.x_train, d.y_train,
+                                                            runner.grad, runner.loss, M,
+                                                            cfg["batch_size"], gen)]
+    # the step really taken: η_eff r² on the sphere and for fixed ELR, η for fixed LR (THEORY §2)
+    r = row["radius"]
+    step = lr * r ** 2 if protocol != "fixed_lr" else lr
+    X = step * torch.stack(grads).double()
+    dist = torch.cdist(X, X)
+    dist.fill_diagonal_(float("inf"))
+    d_e = runner.D - 1
+    for k in (1, 3):
+        L = dist.topk(k, dim=1, largest=False).values.sum().item()
+        assert row[f"stoch_entropy_knn_k{k}"] == pytest.approx(d_e * math.log(L) - (d_e - 1) * math.log(M),
+                                                               rel=1e-4)
+
+
+def test_stochastic_entropy_memory_limit_is_explained(monkeypatch):
+    import trainables.trial as trial
+    monkeypatch.setattr(trial, "STOCH_ENTROPY_MAX_BYTES", 1000)
+    with pytest.raises(ValueError, match="lower num_stoch_grads or set stochastic_entropy: false"):
+        NetworkRunner([config(num_stoch_grads=4, stochastic_entropy=True)])
+
+
 def test_train_loss_at_start_by_hand():
     runner, _ = make(config(log_schedule="free_energy", iterations=3, entropy=[]))
     first = next(iter(runner.run(None)))

@@ -24,6 +24,7 @@ MEMBER_DEFAULTS: dict = {
     "log_schedule": "free_energy",
     "running_every": 50,
     "num_stoch_grads": 1000,
+    "stochastic_entropy": False,
     "entropy": [{"name": "knn", "window": 1000, "stride": 1, "ks": DEFAULT_KS}],
     "data_dir": None,
     "device": "auto",

@@ -20,12 +20,14 @@ import torch
 from trainables import metrics as Mx
 from trainables import protocols
 from trainables.data import load_dataset, sample_batch_indices
-from trainables.defaults import fill_defaults, resolve_device
+from trainables.defaults import DEFAULT_KS, fill_defaults, resolve_device
+from trainables.entropy import knn_graph_entropy
 from trainables.models import build_model, flatten_si_parameters
 from trainables.schedule import SnapshotPlan, log_iterations
 
 FLUSH_EVERY = 20          # running rows buffered on the device before one read-back
 METRIC_SEED_OFFSET = 1_000_003
+STOCH_ENTROPY_MAX_BYTES = 4 * 2**30   # the M displacements of the stochastic entropy sit in memory
 
 
 class NetworkRunner:
@@ -54,6 +56,8 @@ class NetworkRunner:
         self.iterations = int(cfg["iterations"])
         self.running_every = int(cfg["running_every"])
         self.num_stoch_grads = int(cfg["num_stoch_grads"])
+        self.stoch_entropy_ks = self._stochastic_entropy_ks(cfg)
+        self._stoch_buf = None
         self.log_iters = log_iterations(cfg["log_schedule"], self.iterations)
         self.log_set = set(self.log_iters)
         self.plan = SnapshotPlan(self.log_iters, cfg["entropy"] or [])
@@ -66,6 +70,27 @@ class NetworkRunner:
         self._bad = torch.zeros((), dtype=torch.bool, device=self.device)
         self._running: list[tuple[int, torch.Tensor]] = []
         self._pending_running: list[dict] = []
+
+    def _stochastic_entropy_ks(self, cfg) -> list[int] | None:
+        """ks of the stochastic entropy (those of the knn spec, else DEFAULT_KS), None when off."""
+        if not cfg.get("stochastic_entropy"):
+            return None
+        need = self.num_stoch_grads * self.D * 4
+        if self.num_stoch_grads < 2 or need > STOCH_ENTROPY_MAX_BYTES:
+            raise ValueError(
+                f"stochastic_entropy keeps the M = {self.num_stoch_grads} displacements of D = {self.D} "
+                f"weights in memory ({need / 2**30:.1f} GiB; the limit is {STOCH_ENTROPY_MAX_BYTES / 2**30:.0f} "
+                "GiB) and needs M ≥ 2: lower num_stoch_grads or set stochastic_entropy: false")
+        knn = [s for s in (cfg["entropy"] or []) if s["name"] == "knn"]
+        return list(knn[0].get("ks") or DEFAULT_KS) if knn else list(DEFAULT_KS)
+
+    def _kept(self, grads):
+        """Pass the stochastic gradients through, copying each into the displacement buffer."""
+        if self._stoch_buf is None:
+            self._stoch_buf = torch.empty(self.num_stoch_grads, self.D, device=self.device)
+        for i, g in enumerate(grads):
+            self._stoch_buf[i].copy_(g)
+            yield g
 
     # ---- the hot loop -------------------------------------------------------------------------
     def _step(self, t: int) -> None:
@@ -103,9 +128,9 @@ class NetworkRunner:
         d = self.data
         train_loss, train_acc = Mx.full_gradient(self.model, d.x_train, d.y_train, self.grad, self.loss)
         gbar = self.grad.clone()
-        stats = Mx.gradient_noise_stats(gbar, Mx.stochastic_gradients(
-            self.model, d.x_train, d.y_train, self.grad, self.loss, self.num_stoch_grads,
-            self.batch_size, self.metric_gen))
+        grads = Mx.stochastic_gradients(self.model, d.x_train, d.y_train, self.grad, self.loss,
+                                        self.num_stoch_grads, self.batch_size, self.metric_gen)
+        stats = Mx.gradient_noise_stats(gbar, grads if self.stoch_entropy_ks is None else self._kept(grads))
         # eval-mode test metrics use the BN running statistics the gradient passes just updated (§3)
         test_loss, test_acc = Mx.evaluate(self.model, d.x_test, d.y_test, self.loss)
         radius = protocols.norm(self.theta).reshape(())
@@ -113,6 +138,14 @@ class NetworkRunner:
         values = torch.stack([v.double() for v in (train_loss, train_acc, test_loss, test_acc, radius,
                                                     *stats.values())]).cpu().tolist()
         row = {"iteration": t, **dict(zip(names, values))}
+        if self.stoch_entropy_ks is not None:
+            # §4a on the M one-step displacements η g_i (η: the protocol's multiplier at this radius);
+            # they lie in the tangent space at θ, so d_e = D − 1 as for the trajectory. Scaling every
+            # point by η scales each L_k by η, so Ŝ_k(η g) = Ŝ_k(g) + d_e log η (no scaled copy)
+            step = protocols.step_lr(self.members[0]["protocol"], self.lr, row["radius"])
+            d_e = self.D - 1
+            S = knn_graph_entropy(self._stoch_buf, self.stoch_entropy_ks, intrinsic_dim=d_e)
+            row.update({f"stoch_entropy_knn_k{k}": v + d_e * math.log(step) for k, v in S.items()})
         if sink is not None and self.plan.evaluates(t):
             row.update(sink.evaluate(t, self.plan.specs_at(t))[0])
         r_bar = row.get("window_radius", row["radius"])
