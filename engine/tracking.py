@@ -214,8 +214,12 @@ class MLflowTracker(Callback):
                 continue
             last = trial.last_result or {}
             # TERMINATED alone is not enough: Tune also stops the trials it interrupts that way (they
-            # are saved as unfinished and rerun on a resume); a finished trial's last result is done
-            if trial.status != "TERMINATED" or not last.get("done"):
+            # are saved as unfinished and rerun on a resume). A finished trial's last report has no
+            # member left running. (Tune's own `done` flag is not enough either: it is set on the
+            # last result after the function returns and is often missing from the saved state.)
+            statuses = last.get("status") or []
+            finished = last.get("done") or (statuses and all(s != "running" for s in statuses))
+            if trial.status != "TERMINATED" or not finished:
                 continue
             if last.get("member_ids"):
                 self.log_result(last)

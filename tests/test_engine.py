@@ -210,11 +210,16 @@ def test_resume_closes_members_tune_finished_but_mlflow_left_running(ray_session
     from engine.config import load_grid
     from engine.sweep import run_sweep
 
-    grid = load_grid(DEMO, overrides=["experiment=reconcile", "iterations=60", "log_schedule=every:20",
-                                      "lr=[0.05, 0.1]", *TINY])
+    # checkpoints force reports: several results per trial, as in any real sweep, so that Tune's
+    # saved state holds the last *reported* result of a finished trial (done = False)
+    grid = load_grid(DEMO, overrides=["experiment=reconcile", "iterations=60", "log_schedule=every:10",
+                                      "checkpoint_every=20", "lr=[0.05, 0.1]", *TINY])
     storage = str(tmp_path / "rr")
     first = run_sweep(grid, tracking_uri=tracking_uri, storage_path=storage, verbose=0)
     assert first["members"]["done"] == 2, first
+    from ray.tune import ExperimentAnalysis
+    saved = ExperimentAnalysis(first["sweep_dir"]).trials
+    assert all(t.status == "TERMINATED" and t.last_result["training_iteration"] >= 3 for t in saved)
     c = MlflowClient(tracking_uri=tracking_uri)
     parent, children = mlflow_member_runs(tracking_uri, "reconcile")
     victim = children["m0001"].info.run_id
