@@ -32,6 +32,7 @@ import numpy as np
 import yaml
 
 from trainables.defaults import DEFAULT_KS, MEMBER_DEFAULTS  # one source of defaults
+from trainables.schedule import log_iterations, window_complete
 
 # Extra keys that only the toys understand (DESIGN.md "Toy keys"); they override MEMBER_DEFAULTS.
 MODEL_DEFAULTS = {
@@ -737,6 +738,25 @@ def load_grid(path_or_dict, overrides=()) -> Grid:
     return grid
 
 
+def _check_evaluate_every(cfg, spec, warn):
+    """``evaluate_every: M`` keeps the log steps that are multiples of M: say when that leaves none, or
+    fewer than ``evaluate_last`` (a log-spaced schedule rarely lands on multiples of M)."""
+    n, s, every = spec["window"], spec["stride"], spec["evaluate_every"]
+    try:
+        steps = [t for t in log_iterations(cfg["log_schedule"], cfg["iterations"])
+                 if window_complete(t, n, s) and t % every == 0]
+    except ValueError:
+        return                       # a bad schedule is reported by its own check
+    fix = f"use log_schedule every:N with N dividing {every}, or drop evaluate_every"
+    if not steps:
+        warn(f"entropy {spec['name']} evaluate_every {every}: no log step of {cfg['log_schedule']} is a "
+             f"multiple of {every}; no entropy will be logged ({fix})")
+    elif spec.get("evaluate_last") and len(steps) < spec["evaluate_last"]:
+        warn(f"entropy {spec['name']} evaluate_every {every}: only {len(steps)} log step(s) of "
+             f"{cfg['log_schedule']} are multiples of {every}, fewer than evaluate_last "
+             f"{spec['evaluate_last']} ({fix})")
+
+
 def _check_members(grid, problems, warnings):
     """Checks that depend on several keys at once, run on every member (each message reported once)."""
     found: dict = {}  # (is_problem, message) → member ids
@@ -757,10 +777,14 @@ def _check_members(grid, problems, warnings):
                            f"trials; set resources.gpu or device: auto", mid)
         if cfg["protocol"] == "fixed_sphere" and cfg["wd"] > 0:
             note(warnings, f"wd {cfg['wd']:g} is ignored on the fixed sphere", mid)
+        if cfg.get("stochastic_entropy") and model not in NETWORKS:
+            note(warnings, f"stochastic_entropy is computed for network models only; {model} ignores it", mid)
         for spec in cfg["entropy"]:
             if (spec["window"] - 1) * spec["stride"] > cfg["iterations"]:
                 note(warnings, f"entropy {spec['name']} window {spec['window']}×{spec['stride']} never fills "
                                f"within {cfg['iterations']} iterations; no entropy will be logged", mid)
+            elif spec.get("evaluate_every"):
+                _check_evaluate_every(cfg, spec, lambda msg: note(warnings, msg, mid))
     for key, model in TOY_KEYS.items():
         if (key in grid.fixed or key in grid.axes) and model not in models:
             where = "fixed" if key in grid.fixed else "axes"

@@ -257,3 +257,16 @@ def test_checkpoint_due():
     assert grid.checkpoint_due(None, 0)
     assert not grid.checkpoint_due(0, 999) and grid.checkpoint_due(0, 1000) and grid.checkpoint_due(900, 1500)
     assert load_grid({"experiment": "x"}).checkpoint_due(5, 6)  # 0 = every log step
+
+
+def test_evaluate_every_that_misses_the_log_steps_is_reported():
+    elr = GRIDS / "vmf_fixed_elr.yaml"
+    assert not [w for w in load_grid(elr).warnings if "evaluate_every" in w]     # shipped grid: fine
+    sparse = load_grid(elr, overrides=["log_schedule=log:20"]).warnings
+    assert any("only 1 log step(s) of log:20 are multiples of 40000, fewer than evaluate_last 10" in w
+               for w in sparse), sparse
+    none = load_grid(elr, overrides=["log_schedule=every:30000", "iterations=90000"]).warnings
+    assert any("no log step of every:30000 is a multiple of 40000; no entropy will be logged" in w
+               for w in none), none
+    toy = load_grid(elr, overrides=["stochastic_entropy=true"]).warnings
+    assert any("stochastic_entropy is computed for network models only; vmf ignores it" in w for w in toy)

@@ -75,7 +75,7 @@ class NetworkRunner:
         """ks of the stochastic entropy (those of the knn spec, else DEFAULT_KS), None when off."""
         if not cfg.get("stochastic_entropy"):
             return None
-        need = self.num_stoch_grads * self.D * 4
+        need = self.num_stoch_grads * self.D * self.grad.element_size()
         if self.num_stoch_grads < 2 or need > STOCH_ENTROPY_MAX_BYTES:
             raise ValueError(
                 f"stochastic_entropy keeps the M = {self.num_stoch_grads} displacements of D = {self.D} "
@@ -87,7 +87,9 @@ class NetworkRunner:
     def _kept(self, grads):
         """Pass the stochastic gradients through, copying each into the displacement buffer."""
         if self._stoch_buf is None:
-            self._stoch_buf = torch.empty(self.num_stoch_grads, self.D, device=self.device)
+            # kept for the runner's life: the same M × D block is refilled at every log step
+            self._stoch_buf = torch.empty(self.num_stoch_grads, self.D, device=self.device,
+                                          dtype=self.grad.dtype)
         for i, g in enumerate(grads):
             self._stoch_buf[i].copy_(g)
             yield g
