@@ -163,23 +163,31 @@ def run_sweep(grid, *, address=None, tracking_uri=DEFAULT_TRACKING_URI, storage_
         results = tuner.fit()
     finally:
         shutdown_reservoirs()
-    summary = summarise(results, tracking_uri, sweep_id, f"{storage}/{sweep_id}", grid.experiment)
+    summary = summarise(results, tracking_uri, sweep_id, f"{storage}/{sweep_id}", grid.experiment,
+                        [mid for mid, _ in members])
     return summary
 
 
-def summarise(results, tracking_uri, sweep_id, sweep_dir, experiment) -> dict:
+def summarise(results, tracking_uri, sweep_id, sweep_dir, experiment, member_ids) -> dict:
+    """Member counts by final status. Every member of the grid is counted: Tune creates grid trials
+    lazily, so after an interruption ``results`` may lack trials that never started; those members,
+    like any without a final status, are unfinished."""
     counts = {"done": 0, "diverged": 0, "converged": 0, "failed": 0, "unfinished": 0}
+    seen: set = set()
     for r in results:
-        status = (r.metrics or {}).get("status")
+        metrics = r.metrics or {}
+        trial = (r.config or {}).get("trial") or {}
+        ids = metrics.get("member_ids") or [mid for mid, _ in trial.get("members", [])]
+        status = metrics.get("status")
         if r.error is not None:
-            n = len(status) if status else 1
-            counts["failed"] += n
+            counts["failed"] += len(ids)
+            seen.update(ids)
             continue
-        if not status:
-            counts["unfinished"] += 1
-            continue
-        for s in status:
-            counts[s if s in counts else "unfinished"] += 1
+        for mid, s in zip(ids, status or []):
+            if s in ("done", "diverged", "converged", "failed"):
+                counts[s] += 1
+                seen.add(mid)
+    counts["unfinished"] += len(set(member_ids) - seen)
     return {"sweep_id": sweep_id, "sweep_dir": str(sweep_dir), "tracking_uri": tracking_uri,
             "experiment": experiment, "members": counts}
 

@@ -411,3 +411,27 @@ def test_dry_run_prints_table_and_plan_and_starts_nothing(preflight):
     assert [r_[2] for r_ in rows] == [w for w in widths for _ in range(num)]     # the last axis varies fastest
     assert [float(r_[3]) for r_ in rows] == pytest.approx(lrs * len(widths), rel=1e-3)
     assert "each reserves cpu 1, gpu 0" in out and "max_concurrent 2" in out
+
+
+# ----------------------------------------------------------------------------- end-of-sweep counts
+
+def test_summary_counts_members_of_trials_tune_never_created():
+    """Tune creates grid trials lazily: a sweep interrupted just after its first trial finished returns
+    one result although the grid has more members. They must count as unfinished (exit code 1)."""
+    from types import SimpleNamespace
+
+    from engine.sweep import summarise
+
+    def result(ids, status, error=None, metrics=True):
+        return SimpleNamespace(metrics={"member_ids": ids, "status": status} if metrics else {},
+                               config={"trial": {"members": [[m, {}] for m in ids]}}, error=error)
+
+    grid_members = ["m0000", "m0001", "m0002", "m0003", "m0004", "m0005"]
+    only_first = summarise([result(["m0000"], ["done"])], "uri", "s", "d", "e", grid_members)
+    assert only_first["members"] == {"done": 1, "diverged": 0, "converged": 0, "failed": 0, "unfinished": 5}
+    mixed = summarise([result(["m0000", "m0001"], ["done", "diverged"]),
+                       result(["m0002"], ["running"]),                       # interrupted mid-run
+                       result(["m0003"], None, metrics=False),                # started, nothing reported
+                       result(["m0004"], ["running"], error=RuntimeError("boom"))],
+                      "uri", "s", "d", "e", grid_members)
+    assert mixed["members"] == {"done": 1, "diverged": 1, "converged": 0, "failed": 1, "unfinished": 3}
