@@ -142,11 +142,9 @@ def test_vmf_steps_numpy_and_torch_paths_follow_the_protocol(protocol):
     v = rng.standard_normal((5, n, D)) + np.array([0.3, -0.2, 0.9])
     lr, wd = rng.uniform(0.01, 0.2, (n, 1)), rng.uniform(0.01, 0.2, (n, 1))
     expected = _reference_steps(protocol, theta, v, lr, wd, r0)
-    out = {}
-    _walk(protocol, theta.copy(), v, lr, wd, r0, _np_dot, np.sqrt, lambda t: out.__setitem__("np", t))
+    out = {"np": _walk(protocol, theta.copy(), v, lr, wd, r0, _np_dot, np.sqrt)[0]}
     T = lambda a: torch.from_numpy(a.copy())  # noqa: E731
-    _walk(protocol, T(theta), T(v), T(lr), T(wd), T(r0), _torch_dot, torch.sqrt,
-          lambda t: out.__setitem__("torch", t.numpy()))
+    out["torch"] = _walk(protocol, T(theta), T(v), T(lr), T(wd), T(r0), _torch_dot, torch.sqrt)[0].numpy()
     np.testing.assert_allclose(out["np"], expected, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(out["torch"], expected, rtol=1e-12, atol=1e-14)
 

@@ -186,17 +186,13 @@ class VMFRunner:
         on a GPU it stays in torch."""
         if self.theta.device.type == "cpu":
             with np.errstate(over="ignore", invalid="ignore"):   # a diverging walker is caught later
-                r_pre = _walk(self.protocol, self.theta.numpy(), v.numpy(), self.lr.numpy(),
-                              self.wd.numpy(), self.r0.numpy(), _np_dot, np.sqrt, self._set_theta_np)
+                theta, r_pre = _walk(self.protocol, self.theta.numpy(), v.numpy(), self.lr.numpy(),
+                                     self.wd.numpy(), self.r0.numpy(), _np_dot, np.sqrt)
+            self.theta = torch.from_numpy(theta)
             return None if r_pre is None else torch.from_numpy(r_pre)
-        return _walk(self.protocol, self.theta, v, self.lr, self.wd, self.r0, _torch_dot, torch.sqrt,
-                     self._set_theta)
-
-    def _set_theta(self, theta):
-        self.theta = theta
-
-    def _set_theta_np(self, theta):
-        self.theta = torch.from_numpy(theta)
+        self.theta, r_pre = _walk(self.protocol, self.theta, v, self.lr, self.wd, self.r0, _torch_dot,
+                                  torch.sqrt)
+        return r_pre
 
     def _noise(self, steps):
         # ξ is drawn in float32 (4× faster than float64 on a CPU; ample for Gaussian noise), v = μ + σ ξ
@@ -302,9 +298,9 @@ def _torch_dot(a, b):
     return torch.linalg.vecdot(a, b)[:, None]
 
 
-def _walk(protocol, theta, v, lr, wd, r0, dot, sqrt, store):
+def _walk(protocol, theta, v, lr, wd, r0, dot, sqrt):
     """The protocol steps of VMFRunner on numpy arrays or torch tensors alike (``dot`` and ``sqrt``
-    from the matching library); ``store`` receives the final θ. Returns the last r̃ (fixed sphere)."""
+    from the matching library). Returns the final θ and the last r̃ (fixed sphere, else None)."""
     r_pre = None
     if protocol == "fixed_elr":  # θ ← θ(1 − ηλr² + η⟨v,θ⟩/r) − η r v
         a = lr * wd
@@ -324,8 +320,7 @@ def _walk(protocol, theta, v, lr, wd, r0, dot, sqrt, store):
             tilde = theta * (1.0 + c * dot(vk, theta)) - b * vk
             r_pre = sqrt(dot(tilde, tilde))
             theta = tilde * (r0 / r_pre)
-    store(theta)
-    return r_pre
+    return theta, r_pre
 
 
 def _finish_at_end(status: list, t: int, iterations: int) -> None:
