@@ -139,9 +139,7 @@ class MLflowTracker(Callback):
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
         ids = result.get("member_ids") or []
-        events = result.get("events")
-        if events is None:          # a single log step given flat
-            events = [{k: result.get(k) for k in ("iteration", "rows", "running")}]
+        events = result.get("events") or []
         for i, member_id in enumerate(ids):
             run_id = self.child.get(member_id)
             if run_id is None:
