@@ -5,13 +5,33 @@ CUDA_VISIBLE_DEVICES, which is enough to test fractional-GPU packing on a CPU ma
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The per-log-step metric names every network run writes (THEORY §3), entropy columns aside.
+BASE_NAMES = {"iteration", "train_loss", "train_acc", "test_loss", "test_acc", "full_grad_norm",
+              "stoch_grad_rms", "noise_mean_norm", "stoch_grad_mean_norm", "snr", "snr_mean", "radius",
+              "trace_sigma", "grad_sq", "sigma2"}
+
+
+def vmf3_mean_cos(kappa):
+    """E[μ·x] for the von Mises–Fisher law on S² (D = 3): coth κ − 1/κ, written out by hand."""
+    return 1 / np.tanh(kappa) - 1 / kappa
+
+
+def vmf3_entropy(kappa):
+    """Differential entropy on S² of f = κ/(4π sinh κ) e^{κ μ·x}:
+    S = log(4π sinh κ / κ) − κ (coth κ − 1/κ), with log sinh κ = κ + log(1 − e^{−2κ}) − log 2 so large κ
+    does not overflow."""
+    log_sinh = kappa + np.log1p(-np.exp(-2 * kappa)) - math.log(2)
+    return math.log(4 * math.pi) + log_sinh - np.log(kappa) - kappa * vmf3_mean_cos(kappa)
 
 
 def repo_env() -> dict:
@@ -73,3 +93,11 @@ def mlflow_member_runs(uri: str, experiment: str) -> tuple:
     children = {r.data.tags["thermosweep.member_id"]: r for r in runs
                 if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
     return parents[0], children
+
+
+def metric_history(uri: str, run_id: str, name: str) -> list[tuple[int, float]]:
+    """[(step, value)] of one MLflow metric of one run, in step order."""
+    from mlflow.tracking import MlflowClient
+
+    hist = MlflowClient(tracking_uri=uri).get_metric_history(run_id, name)
+    return sorted(((m.step, m.value) for m in hist), key=lambda sv: sv[0])
