@@ -7,10 +7,11 @@ Writes PNG figures, ``summary.md``, ``summary.csv`` and per-section CSV tables i
 (default ``reports/NAME``), then logs the folder to the parent run under ``report/``.
 
 Sections are plain functions ``section(sweep, out_dir, opts) -> SectionResult`` kept in the
-registry ``SECTIONS``. A section raises ``Skip(reason)`` when the sweep lacks what it needs;
-any other exception is caught too, so one broken section never stops the report. Another
-module adds its own with ``register_section(fn)``; ``main`` imports ``analysis.toys_report``
-(if it exists) before running, so registering at its import time is enough.
+registry ``SECTIONS`` of ``analysis.sections``. A section raises ``Skip(reason)`` when the sweep
+lacks what it needs; any other exception is caught too, so one broken section never stops the
+report. Another module adds its own with ``register_section(fn)`` from ``analysis.sections``;
+``main`` imports ``analysis.toys_report`` (if it exists) before running, so registering at its
+import time is enough.
 """
 
 from __future__ import annotations
@@ -18,13 +19,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import json
 import math
 import os
 import re
 import sys
 import traceback
-from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -34,98 +33,17 @@ from analysis import ideal_gas as ig
 from analysis.figures import plt
 from analysis.free_energy import fit_temperature, free_energy_curves, temperature_along_training
 from analysis.load import SweepNotFound, Sweep, load_experiment
+from analysis.sections import (SECTIONS, Options, SectionResult, Skip, for_each_group, group_members,
+                               heatmap, member_table, nanmedian, register_section, rel_err, slug,
+                               write_table)
 from analysis.snr import default_phase_threshold, gradient_phase_exponent
-from trainables.defaults import MEMBER_DEFAULTS
 
-# member keys that define a group (everything physical; bookkeeping keys left out)
-# (the ``radius`` param is renamed ``r0`` in member_table: ``radius`` is also a metric)
-GROUP_KEYS = tuple("r0" if k == "radius" else k for k in MEMBER_DEFAULTS
-                   if k not in ("device", "data_dir")) + ("dim", "noise", "mu_seed", "setting")
 PLUGINS = ("analysis.toys_report",)
 UNIFORM_MAX_D = 50_000
 
 
-class Skip(Exception):
-    """Raised by a section (or a group inside it) to skip with a reason."""
-
-
-@dataclass
-class Options:
-    eps: float = 0.01                 # §5 tolerance ε (loss units)
-    lr_range: tuple | None = None     # §5 manual stationary segment (lo, hi); None = automatic
-    h: float = 0.3                    # §5 smoothing half-width in ln η
-    k_max: int = 50                   # §5 k of the k-NN entropy: 50, or the largest logged k ≤ this
-    uniform_n: int | None = None      # samples of the uniform reference (default: the knn window N)
-    pressure_last: int = 3000         # §7 running logs averaged for r̃
-    toy_u_window: int | None = None   # §8 toys: iterations of log rows averaged for U (default 250k)
-    toy_pressure_window: int | None = None  # toys: iterations averaged for r̃ (default 150k)
-
-
-@dataclass
-class SectionResult:
-    name: str
-    figures: list = field(default_factory=list)        # file names in out_dir
-    tables: list = field(default_factory=list)         # CSV file names in out_dir
-    summary_rows: list = field(default_factory=list)   # dicts, one per group/fit
-    skipped_reason: str | None = None
-    notes: list = field(default_factory=list)
-
-
-SECTIONS: list = []
-
-
-def register_section(fn):
-    """Add ``fn(sweep, out_dir, opts) -> SectionResult`` to the report (usable as a decorator)."""
-    if fn not in SECTIONS:
-        SECTIONS.append(fn)
-    return fn
-
-
 # -----------------------------------------------------------------------------
 # shared helpers
-
-def member_table(sweep: Sweep) -> pd.DataFrame:
-    """Usable members: params joined with stationary metrics (index run_id).
-
-    The ``radius`` param (r0) is renamed ``r0``; any other param whose name is also a metric
-    becomes ``param_<k>``.
-    """
-    st = sweep.stationary
-    m = sweep.members.loc[[r for r in st.index if r in sweep.members.index]]
-    m = m.rename(columns={"radius": "r0"})
-    clash = [c for c in m.columns if c in st.columns]
-    m = m.rename(columns={c: f"param_{c}" for c in clash})
-    return m.join(st, how="inner")
-
-
-def _hashable(v):
-    return json.dumps(v, sort_keys=True, default=str)
-
-
-def group_members(table: pd.DataFrame, vary) -> list:
-    """Split members into groups that agree on every GROUP_KEYS key except ``vary``.
-
-    Returns [(label, frame)], the label naming the keys that differ between groups
-    ("all" if there is one group).
-    """
-    keys = [k for k in GROUP_KEYS if k in table.columns and k not in vary]
-    if table.empty:
-        return []
-    if not keys:
-        return [("all", table)]
-    codes = table[keys].apply(lambda col: col.map(_hashable))
-    differ = [k for k in keys if codes[k].nunique() > 1]
-    out = []
-    for _, idx in codes.groupby(keys, sort=True).groups.items():
-        g = table.loc[idx]
-        label = ", ".join(f"{k}={g[k].iloc[0]}" for k in differ) or "all"
-        out.append((label, g))
-    return out
-
-
-def slug(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.]+", "_", label).strip("_") or "all"
-
 
 def _series(sweep, run_id, *metrics):
     """Rows of one member where every given metric is finite: (iterations, [values...])."""
@@ -153,25 +71,13 @@ def md_table(rows) -> str:
     return "\n".join(lines)
 
 
-def _write_table(df, out_dir, name, res):
-    df.to_csv(os.path.join(out_dir, name), index=False)
-    res.tables.append(name)
-
-
-def _rel_err(measured, predicted):
-    measured, predicted = np.asarray(measured, float), np.asarray(predicted, float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.abs(measured - predicted) / np.abs(predicted)
-
-
-
 def _measured_vs_predicted(t, measured, predictions, row, res, out_dir, name, xlabel, ylabel, title):
     """Log–log scatter of a measured column against its predictions (SDE first, then discrete),
     with the identity line; records each prediction's median relative error in ``row``."""
     fig, ax = fg.figure(1, width=6)
     for k, mk in zip(predictions, ("o", "s")):
         ax[0, 0].plot(t[k], t[measured], mk, mfc="none", label=k.replace("_", " "))
-        row[f"{k}_rel_err_median"] = _nanmedian(_rel_err(t[measured], t[k]))
+        row[f"{k}_rel_err_median"] = nanmedian(rel_err(t[measured], t[k]))
     fg.identity_line(ax[0, 0], np.r_[t[measured], t[predictions[0]]])
     ax[0, 0].set_xscale("log")
     ax[0, 0].set_yscale("log")
@@ -180,11 +86,6 @@ def _measured_vs_predicted(t, measured, predictions, row, res, out_dir, name, xl
     ax[0, 0].set_title(title)
     ax[0, 0].legend()
     res.figures.append(fg.save(fig, out_dir, name))
-
-def _nanmedian(a):
-    a = np.asarray(a, float)
-    a = a[np.isfinite(a)]
-    return float(np.median(a)) if a.size else float("nan")
 
 
 def _lr_lines(ax, sweep, g, metric, ylog=True):
@@ -259,23 +160,8 @@ def free_energy_section(sweep, out_dir, opts):
     res.notes.append(f"S = {ent}; ε = {opts.eps}; smoothing h = {opts.h}; {seg}")
     res.notes.append("uniform-reference loss asymptote not drawn: it needs the model "
                      "(trainables.entropy.uniform_sphere_reference with a loss_fn)")
-    return _for_each_group(res, tab, ("lr",), lambda label, g: _free_energy_group(
+    return for_each_group(res, tab, ("lr",), lambda label, g: _free_energy_group(
         sweep, out_dir, opts, res, label, g.sort_values("lr"), ent, K))
-
-
-def _for_each_group(res, tab, axes, fn):
-    """Run ``fn(label, members)`` per group of members that differ only in ``axes``; a group that
-    raises Skip becomes a note, and the section is skipped when no group produced a summary row."""
-    skipped = []
-    for label, g in group_members(tab, axes):
-        try:
-            fn(label, g)
-        except Skip as e:
-            skipped.append(f"group {label}: {e}")
-    res.notes += skipped
-    if not res.summary_rows:
-        raise Skip("; ".join(skipped) or "no group of members")
-    return res
 
 
 def _free_energy_group(sweep, out_dir, opts, res, label, g, ent, K):
@@ -410,7 +296,7 @@ def _free_energy_group(sweep, out_dir, opts, res, label, g, ent, K):
         a.set_title(f"temperature along training, {label}")
         a.legend()
         res.figures.append(fg.save(fig, out_dir, f"fe_{s}_op_temperature.png"))
-        _write_table(pd.DataFrame(rows), out_dir, f"fe_{s}_op_temperature.csv", res)
+        write_table(pd.DataFrame(rows), out_dir, f"fe_{s}_op_temperature.csv", res)
     else:
         res.notes.append(f"group {label}: no member among the 3 smallest LRs has a steadily "
                          "decreasing U; temperature along training not drawn")
@@ -425,7 +311,7 @@ def _free_energy_group(sweep, out_dir, opts, res, label, g, ent, K):
         t[col] = [arr[x] if x is not None else np.nan for x in j]
     t["F_min_lr"] = [fit.lrs[fit.minima[x]] if x is not None and fit.minima[x] >= 0 else np.nan
                      for x in j]
-    _write_table(t, out_dir, f"fe_{s}.csv", res)
+    write_table(t, out_dir, f"fe_{s}.csv", res)
     if not np.isfinite(fit.a):
         res.notes.append(f"group {label}: no power-law fit: it needs ≥ 2 interior segment points "
                          "with a positive temperature estimate")
@@ -517,7 +403,7 @@ def snr_section(sweep, out_dir, opts):
         res.summary_rows.append(row)
     if exps:
         e = pd.DataFrame(exps)
-        _write_table(e, out_dir, "snr_phase_exponents.csv", res)
+        write_table(e, out_dir, "snr_phase_exponents.csv", res)
         spl = e.dropna(subset=["samples_per_label"])
         if spl["samples_per_label"].nunique() >= 2:
             first = spl.sort_values("lr").groupby("group", sort=False).head(1).sort_values(
@@ -530,7 +416,7 @@ def snr_section(sweep, out_dir, opts):
             ax[0, 0].set_ylabel("phase exponent a (smallest LR)")
             ax[0, 0].legend()
             res.figures.append(fg.save(fig, out_dir, "snr_exponent_vs_subset.png"))
-            _write_table(first, out_dir, "snr_exponent_vs_subset.csv", res)
+            write_table(first, out_dir, "snr_exponent_vs_subset.csv", res)
         else:
             res.notes.append("exponent vs samples_per_label not drawn: the sweep has < 2 subset sizes")
     return res
@@ -538,19 +424,6 @@ def snr_section(sweep, out_dir, opts):
 
 # -----------------------------------------------------------------------------
 # §7 ideal gas
-
-def _heatmap(ax, x, y, z, xlabel, ylabel, title, fig, zlabel):
-    xs, ys = np.unique(x), np.unique(y)
-    grid = np.full((ys.size, xs.size), np.nan)
-    grid[np.searchsorted(ys, y), np.searchsorted(xs, x)] = z
-    im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis")
-    ax.set_xticks(range(xs.size), [f"{v:.2g}" for v in xs], rotation=60, fontsize=8)
-    ax.set_yticks(range(ys.size), [f"{v:.2g}" for v in ys], fontsize=8)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, label=zlabel)
-
 
 def ideal_gas_section(sweep, out_dir, opts):
     """THEORY.md §7: T, σ², S_full; radius (V1); effective pressure; Maxwell (V3); potentials (V2)."""
@@ -569,7 +442,7 @@ def ideal_gas_section(sweep, out_dir, opts):
     tab = tab[tab["protocol"].isin(ig.PROTOCOLS)]
     if tab.empty:
         raise Skip(f"no member with a protocol in {ig.PROTOCOLS}")
-    return _for_each_group(res, tab, ("lr", "wd", "r0"), lambda label, g: _ideal_gas_group(
+    return for_each_group(res, tab, ("lr", "wd", "r0"), lambda label, g: _ideal_gas_group(
         sweep, out_dir, opts, res, label, g, S_key))
 
 
@@ -685,7 +558,7 @@ def _ideal_gas_group(sweep, out_dir, opts, res, label, g, S_key):
             ax[0, 0].set_ylabel(r"$S_\mathrm{full}$ (points) and quadratic fit (lines)")
             ax[0, 0].set_title(f"Maxwell fit, R² = {mf.r2:.4f}")
             fg.colorbar(fig, ax[0, 0], sm)
-            _heatmap(ax[0, 1], tt["lr"].to_numpy(), tt["wd"].to_numpy(), mf.rel_err, fg.ETA,
+            heatmap(ax[0, 1], tt["lr"].to_numpy(), tt["wd"].to_numpy(), mf.rel_err, fg.ETA,
                      r"$\lambda$", "relative error of the Maxwell relation", fig, "relative error")
             res.figures.append(fg.save(fig, out_dir, f"ig_{s}_maxwell.png"))
 
@@ -705,13 +578,13 @@ def _ideal_gas_group(sweep, out_dir, opts, res, label, g, S_key):
             row.update(potential=kind.split()[0], frac_own_minimum=float(np.mean(rank == 0)),
                        max_rank=int(rank.max()), mean_gap=float(np.mean(gap)))
             fig, ax = fg.figure(2, width=6.2)
-            _heatmap(ax[0, 0], tt["lr"].to_numpy(), tt[second].to_numpy(), rank, fg.ETA, sec_sym,
+            heatmap(ax[0, 0], tt["lr"].to_numpy(), tt[second].to_numpy(), rank, fg.ETA, sec_sym,
                      f"rank of own configuration\n{kind}", fig, "rank (0 = minimiser)")
-            _heatmap(ax[0, 1], tt["lr"].to_numpy(), tt[second].to_numpy(), gap, fg.ETA, sec_sym,
+            heatmap(ax[0, 1], tt["lr"].to_numpy(), tt[second].to_numpy(), gap, fg.ETA, sec_sym,
                      "gap to the minimum", fig, "gap")
             res.figures.append(fg.save(fig, out_dir, f"ig_{s}_potential.png"))
 
-    _write_table(t, out_dir, f"ig_{s}.csv", res)
+    write_table(t, out_dir, f"ig_{s}.csv", res)
     res.summary_rows.append(row)
 
 
@@ -827,9 +700,6 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    # run as ``python -m analysis.report`` this module is __main__; let plugin modules that import
-    # ``analysis.report`` register their sections here rather than in a second copy
-    sys.modules.setdefault("analysis.report", sys.modules[__name__])
     args = parse_args(argv)
     if args.eps < 0 or (args.window is not None and args.window < 1) or (
             args.lr_range and not 0 < args.lr_range[0] <= args.lr_range[1]):

@@ -1,4 +1,4 @@
-"""Report sections for the toy systems (THEORY.md §§7, 8), registered into analysis.report.
+"""Report sections for the toy systems (THEORY.md §§7, 8), registered into analysis.sections.
 
 ``analysis.report`` imports this module (if present) before running, so the sections below join
 its registry. Each one raises ``Skip`` unless the sweep holds members of its toy model.
@@ -26,7 +26,6 @@ each of the two grid axes are dropped (``INTERIOR_DROP`` values at each end).
 from __future__ import annotations
 
 import math
-import sys
 
 import numpy as np
 import pandas as pd
@@ -35,13 +34,8 @@ from scipy.stats import t as student_t
 
 from analysis import figures as fg
 from analysis import ideal_gas as ig
-
-
-import analysis.report as _report  # report.main makes this the running module under -m
-
-SectionResult, Skip, register_section = _report.SectionResult, _report.Skip, _report.register_section
-group_members, slug, _heatmap, _write_table = (_report.group_members, _report.slug, _report._heatmap,
-                                               _report._write_table)
+from analysis.sections import (SectionResult, Skip, group_members, heatmap, register_section, slug,
+                               write_table)
 from trainables.toys.vmf import vmf_entropy, vmf_loss, vmf_mean_cos, vmf_temperature
 
 U_WINDOW_ITERS = 250_000       # §8: last 5000 running values every 50 iterations
@@ -406,7 +400,7 @@ def _vmf_group(sweep, out_dir, res, label, g, opts):
                    potential_max_rank=int(np.nanmax(rank)))
     flags = [k for k in row if k.startswith("pass_")]
     row["pass_all"] = bool(all(row[k] for k in flags))
-    _write_table(t, out_dir, f"{s}.csv", res)
+    write_table(t, out_dir, f"{s}.csv", res)
     res.summary_rows.append(row)
 
     # figure 1: simulated vs exact U and S across T
@@ -435,7 +429,7 @@ def _vmf_group(sweep, out_dir, res, label, g, opts):
             ("radius_rel_err", f"{what}: relative error vs SDE")]
     fig, ax = fg.figure(len(maps), width=5.6)
     for a, (k, title) in zip(ax[0], maps):
-        _heatmap(a, t["lr"].to_numpy(), t[second].to_numpy(), t[k].to_numpy(), xsym, sec_sym, title, fig, k)
+        heatmap(a, t["lr"].to_numpy(), t[second].to_numpy(), t[k].to_numpy(), xsym, sec_sym, title, fig, k)
     res.figures.append(fg.save(fig, out_dir, f"{s}_errors.png"))
 
     # figure 3: Maxwell relation and potential ranks
@@ -447,7 +441,7 @@ def _vmf_group(sweep, out_dir, res, label, g, opts):
     if panels:
         fig, ax = fg.figure(len(panels), width=5.6)
         for a, (k, title) in zip(ax[0], panels):
-            _heatmap(a, t["lr"].to_numpy(), t[second].to_numpy(), t[k].to_numpy(), xsym, sec_sym,
+            heatmap(a, t["lr"].to_numpy(), t[second].to_numpy(), t[k].to_numpy(), xsym, sec_sym,
                      title, fig, k)
         res.figures.append(fg.save(fig, out_dir, f"{s}_thermo.png"))
 
@@ -488,7 +482,7 @@ def vmf_adiabatic_section(sweep, out_dir, opts):
                          f"{ENTROPY_LAST} evaluations (median over members); the range of n i.i.d. "
                          "values is ≈ 3–4 standard deviations")
         sp = pd.DataFrame({"lr": etas, "spread": spread, "spread_exact": spread_exact})
-        _write_table(sp, out_dir, f"{s}.csv", res)
+        write_table(sp, out_dir, f"{s}.csv", res)
         fig, ax = fg.figure(2)
         colors, sm = fg.value_colors(t["lr"].unique())
         for c, (lr, sub) in zip(colors, t.sort_values("wd").groupby("lr", sort=True)):
@@ -540,7 +534,7 @@ def sphere_toy_section(sweep, out_dir, opts):
     res = SectionResult("sphere_toy")
     members = _members(sweep, "sphere_toy")
     t = sphere_toy_table(sweep, members)
-    _write_table(t, out_dir, "sphere_toy.csv", res)
+    write_table(t, out_dir, "sphere_toy.csv", res)
     settings = [s for s in ("up", "op") if (t["setting"] == s).any()]
     if not settings:
         raise Skip(f"sphere_toy members have no setting up/op (found {sorted(set(t['setting']))})")

@@ -1,0 +1,158 @@
+"""What a report section receives, returns and shares (used by analysis.report and its plugins).
+
+A section is a plain function ``section(sweep, out_dir, opts) -> SectionResult``. It raises
+``Skip(reason)`` when the sweep lacks what it needs; ``register_section`` appends it to ``SECTIONS``,
+the list the report driver (analysis.report) runs in order.
+
+The registry lives here rather than in analysis.report because ``python -m analysis.report`` runs
+the report module as ``__main__``: a plugin that imported ``analysis.report`` would load a second
+copy of it, with a registry of its own. Plugins import this module instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from trainables.defaults import MEMBER_DEFAULTS
+
+# member keys that define a group (everything physical; bookkeeping keys left out)
+# (the ``radius`` param is renamed ``r0`` in member_table: ``radius`` is also a metric)
+GROUP_KEYS = tuple("r0" if k == "radius" else k for k in MEMBER_DEFAULTS
+                   if k not in ("device", "data_dir")) + ("dim", "noise", "mu_seed", "setting")
+
+
+class Skip(Exception):
+    """Raised by a section (or a group inside it) to skip with a reason."""
+
+
+@dataclass
+class Options:
+    eps: float = 0.01                 # §5 tolerance ε (loss units)
+    lr_range: tuple | None = None     # §5 manual stationary segment (lo, hi); None = automatic
+    h: float = 0.3                    # §5 smoothing half-width in ln η
+    k_max: int = 50                   # §5 k of the k-NN entropy: 50, or the largest logged k ≤ this
+    uniform_n: int | None = None      # samples of the uniform reference (default: the knn window N)
+    pressure_last: int = 3000         # §7 running logs averaged for r̃
+    toy_u_window: int | None = None   # §8 toys: iterations of log rows averaged for U (default 250k)
+    toy_pressure_window: int | None = None  # toys: iterations averaged for r̃ (default 150k)
+
+
+@dataclass
+class SectionResult:
+    name: str
+    figures: list = field(default_factory=list)        # file names in out_dir
+    tables: list = field(default_factory=list)         # CSV file names in out_dir
+    summary_rows: list = field(default_factory=list)   # dicts, one per group/fit
+    skipped_reason: str | None = None
+    notes: list = field(default_factory=list)
+
+
+SECTIONS: list = []
+
+
+def register_section(fn):
+    """Add ``fn(sweep, out_dir, opts) -> SectionResult`` to the report (usable as a decorator)."""
+    if fn not in SECTIONS:
+        SECTIONS.append(fn)
+    return fn
+
+
+# -----------------------------------------------------------------------------
+# members and their groups
+
+def member_table(sweep) -> pd.DataFrame:
+    """Usable members: params joined with stationary metrics (index run_id).
+
+    The ``radius`` param (r0) is renamed ``r0``; any other param whose name is also a metric
+    becomes ``param_<k>``.
+    """
+    st = sweep.stationary
+    m = sweep.members.loc[[r for r in st.index if r in sweep.members.index]]
+    m = m.rename(columns={"radius": "r0"})
+    clash = [c for c in m.columns if c in st.columns]
+    m = m.rename(columns={c: f"param_{c}" for c in clash})
+    return m.join(st, how="inner")
+
+
+def _hashable(v):
+    return json.dumps(v, sort_keys=True, default=str)
+
+
+def group_members(table: pd.DataFrame, vary) -> list:
+    """Split members into groups that agree on every GROUP_KEYS key except ``vary``.
+
+    Returns [(label, frame)], the label naming the keys that differ between groups
+    ("all" if there is one group).
+    """
+    keys = [k for k in GROUP_KEYS if k in table.columns and k not in vary]
+    if table.empty:
+        return []
+    if not keys:
+        return [("all", table)]
+    codes = table[keys].apply(lambda col: col.map(_hashable))
+    differ = [k for k in keys if codes[k].nunique() > 1]
+    out = []
+    for _, idx in codes.groupby(keys, sort=True).groups.items():
+        g = table.loc[idx]
+        label = ", ".join(f"{k}={g[k].iloc[0]}" for k in differ) or "all"
+        out.append((label, g))
+    return out
+
+
+def for_each_group(res, tab, axes, fn):
+    """Run ``fn(label, members)`` per group of members that differ only in ``axes``; a group that
+    raises Skip becomes a note, and the section is skipped when no group produced a summary row."""
+    skipped = []
+    for label, g in group_members(tab, axes):
+        try:
+            fn(label, g)
+        except Skip as e:
+            skipped.append(f"group {label}: {e}")
+    res.notes += skipped
+    if not res.summary_rows:
+        raise Skip("; ".join(skipped) or "no group of members")
+    return res
+
+
+# -----------------------------------------------------------------------------
+# output and numbers
+
+def slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "_", label).strip("_") or "all"
+
+
+def write_table(df, out_dir, name, res):
+    df.to_csv(os.path.join(out_dir, name), index=False)
+    res.tables.append(name)
+
+
+def heatmap(ax, x, y, z, xlabel, ylabel, title, fig, zlabel):
+    """``z`` on the grid of the distinct ``x`` (columns) and ``y`` (rows) values; NaN where absent."""
+    xs, ys = np.unique(x), np.unique(y)
+    grid = np.full((ys.size, xs.size), np.nan)
+    grid[np.searchsorted(ys, y), np.searchsorted(xs, x)] = z
+    im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis")
+    ax.set_xticks(range(xs.size), [f"{v:.2g}" for v in xs], rotation=60, fontsize=8)
+    ax.set_yticks(range(ys.size), [f"{v:.2g}" for v in ys], fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label=zlabel)
+
+
+def rel_err(measured, predicted):
+    measured, predicted = np.asarray(measured, float), np.asarray(predicted, float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.abs(measured - predicted) / np.abs(predicted)
+
+
+def nanmedian(a):
+    a = np.asarray(a, float)
+    a = a[np.isfinite(a)]
+    return float(np.median(a)) if a.size else float("nan")
