@@ -1,6 +1,5 @@
 """Tests for the single-trial CLI ``python -m trainables.run`` (trainables/run.py)."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,14 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import BASE_NAMES, repo_env
 from trainables.run import main
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-BASE_NAMES = {"iteration", "train_loss", "train_acc", "test_loss", "test_acc", "full_grad_norm",
-              "stoch_grad_rms", "noise_mean_norm", "stoch_grad_mean_norm", "snr", "snr_mean", "radius",
-              "trace_sigma", "grad_sq", "sigma2"}
 
 SMALL = ["--model", "convnet", "--width", "2", "--dataset", "digits", "--lr", "0.01",
          "--batch-size", "32", "--num-stoch-grads", "2", "--entropy", "knn:6", "--ks", "1,2,5,1000",
@@ -37,7 +30,7 @@ def read_jsonl(path):
 
 def test_short_run_writes_all_files_as_a_subprocess(tmp_path):
     out = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(repo_env(), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "trainables.run", *SMALL, "--iters", "40",
                            "--log-schedule", "every:10", "--out", str(out)],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)

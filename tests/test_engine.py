@@ -7,17 +7,15 @@ the interruption and invalid-grid tests run ``python -m engine.sweep`` in subpro
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, mlflow_member_runs, repo_env
+from conftest import REPO, metric_history, mlflow_member_runs, repo_env
 from trainables.schedule import log_iterations
 
 DEMO = REPO / "grids" / "demo.yaml"
@@ -25,14 +23,8 @@ KNN = "entropy=[{name: knn, window: 20, stride: 1, ks: [1, 5, 19]}]"
 TINY = ["width=1", "num_stoch_grads=2", "batch_size=32", KNN]
 
 
-def _history(uri, run_id, name):
-    from mlflow.tracking import MlflowClient
-    hist = MlflowClient(tracking_uri=uri).get_metric_history(run_id, name)
-    return sorted(((m.step, m.value) for m in hist), key=lambda sv: sv[0])
-
-
 def _steps(uri, run_id, name):
-    return [s for s, _ in _history(uri, run_id, name)]
+    return [s for s, _ in metric_history(uri, run_id, name)]
 
 
 # ----------------------------------------------------------------------------- a recording trainable
@@ -118,7 +110,7 @@ def test_demo_grid_end_to_end(ray_session, tmp_path, monkeypatch):
         for k in (1, 5, 19):
             assert _steps(uri, run.info.run_id, f"entropy_knn_k{k}") == entropy_steps
         # fixed sphere of radius 1: every logged radius is 1 (THEORY.md: the sphere protocol)
-        assert all(abs(v - 1.0) < 1e-5 for _, v in _history(uri, run.info.run_id, "radius"))
+        assert all(abs(v - 1.0) < 1e-5 for _, v in metric_history(uri, run.info.run_id, "radius"))
     assert sorted(lrs.values()) == [0.01, 0.1]
 
 
@@ -191,12 +183,13 @@ def test_killed_trial_resumes_and_matches(ray_session, tmp_path, tracking_uri):
     ids = {name: next(iter(mlflow_member_runs(tracking_uri, name)[1].values())).info.run_id for name in runs}
     steps = log_iterations("every:20", iterations)
     for name in ("train_loss", "radius", "snr", "test_loss", "full_grad_norm"):
-        clean, faulty = _history(tracking_uri, ids["clean"], name), _history(tracking_uri, ids["faulty"], name)
+        clean = metric_history(tracking_uri, ids["clean"], name)
+        faulty = metric_history(tracking_uri, ids["faulty"], name)
         assert [s for s, _ in faulty] == steps, f"{name}: duplicate or missing steps {[s for s, _ in faulty]}"
         assert faulty == clean, name
     for k in (1, 5, 19):
-        clean = _history(tracking_uri, ids["clean"], f"entropy_knn_k{k}")
-        faulty = _history(tracking_uri, ids["faulty"], f"entropy_knn_k{k}")
+        clean = metric_history(tracking_uri, ids["clean"], f"entropy_knn_k{k}")
+        faulty = metric_history(tracking_uri, ids["faulty"], f"entropy_knn_k{k}")
         assert faulty[-1] == clean[-1] and faulty[-1][0] == iterations
         assert len({s for s, _ in faulty}) == len(faulty)
 
@@ -223,7 +216,7 @@ def test_resume_closes_members_tune_finished_but_mlflow_left_running(ray_session
     c = MlflowClient(tracking_uri=tracking_uri)
     parent, children = mlflow_member_runs(tracking_uri, "reconcile")
     victim = children["m0001"].info.run_id
-    before = {m: _history(tracking_uri, r.info.run_id, "train_loss") for m, r in children.items()}
+    before = {m: metric_history(tracking_uri, r.info.run_id, "train_loss") for m, r in children.items()}
     c.set_tag(victim, "thermosweep.status", "running")
     c.update_run(victim, status="RUNNING")
     c.set_tag(parent.info.run_id, "thermosweep.sweep_status", "interrupted")
@@ -235,7 +228,7 @@ def test_resume_closes_members_tune_finished_but_mlflow_left_running(ray_session
     assert run.info.status == "FINISHED"
     assert run.data.tags["thermosweep.regime"] in ("stationary", "converged")
     assert c.get_run(parent.info.run_id).data.tags["thermosweep.sweep_status"] == "finished"
-    after = {m: _history(tracking_uri, r.info.run_id, "train_loss") for m, r in children.items()}
+    after = {m: metric_history(tracking_uri, r.info.run_id, "train_loss") for m, r in children.items()}
     assert after == before          # nothing re-ran and nothing was logged twice
 
 
@@ -256,14 +249,14 @@ INTERRUPT_LRS = [0.01, 0.02, 0.03, 0.1, 0.2, 0.3]   # enough trials that Ctrl-C 
 INTERRUPT_ITERS = 1200   # long enough that Ctrl-C lands inside a trial, not as the sweep ends
 
 
-def test_interrupted_sweep_resumes_only_what_was_left(tmp_path):
+def test_interrupted_sweep_resumes_only_what_was_left(tmp_path, tracking_uri):
     from mlflow.tracking import MlflowClient
 
     rec = tmp_path / "records"
     rec.mkdir()
     script = tmp_path / "sweep_main.py"
     script.write_text(RECORDING_MAIN.format(tests=str(REPO / "tests"), rec=str(rec)))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = tracking_uri
     args = [sys.executable, str(script), str(DEMO), "--num-cpus", "2", "--num-gpus", "0", "--max-concurrent", "1",
             "--tracking-uri", uri, "--storage-path", str(tmp_path / "rr"), "--verbose", "0",
             "--set", "experiment=resume", "--set", f"iterations={INTERRUPT_ITERS}", "--set", "log_schedule=every:50",
@@ -378,19 +371,8 @@ def test_invalid_grid_fails_before_anything_starts(preflight, case, where):
     assert r["rc"] == 2, r
     assert where in r["stderr"], r["stderr"]
     assert "mlflow.db" not in r["files"] and "ray_results" not in r["files"] and "mlruns" not in r["files"], r
-    if case != "too_many_gpus":
-        assert r["ray"] is False, f"{case}: Ray was started for a grid that cannot run"
-
-
-def test_resource_problem_found_without_starting_ray(preflight):
-    """Design (engine/sweep.py docstring): on any grid problem 'no Ray started'."""
-    r = preflight["too_many_gpus"]
-    assert r["rc"] == 2
-    assert r["ray"] is False, (
-        "BUG engine/sweep.py run_sweep: a local cluster is started (ray.init) before check_resources, so a "
-        "grid needing more GPUs than --num-gpus still starts Ray. Fix: when no address is given and Ray is "
-        "not running, check against {'cpu': num_cpus or os.cpu_count(), 'gpu': num_gpus if given else "
-        "torch.cuda.device_count()} before ray.init (and keep the check after init).")
+    # engine/sweep.py: on any grid problem, resources included, no Ray is started
+    assert r["ray"] is False, f"{case}: Ray was started for a grid that cannot run"
 
 
 def test_dry_run_prints_table_and_plan_and_starts_nothing(preflight):

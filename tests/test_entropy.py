@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from conftest import vmf3_entropy, vmf3_mean_cos
 from trainables.entropy import (
     DEFAULT_KS,
     hyperspherical_angles,
@@ -39,12 +40,6 @@ def vmf_s2(n, kappa, mu, seed):
     e2 = torch.linalg.cross(mu, e1)
     s = (1.0 - w ** 2).clamp(min=0.0).sqrt()
     return w[:, None] * mu + s[:, None] * (psi.cos()[:, None] * e1 + psi.sin()[:, None] * e2)
-
-
-def vmf_s2_entropy(kappa):
-    """Closed form on S²: f = κ/(4π sinh κ) e^{κ μ·x}, E[μ·x] = coth κ − 1/κ, so
-    S = −log(κ/(4π sinh κ)) − κ (coth κ − 1/κ) = log(4π sinh κ/κ) − κ coth κ + 1."""
-    return math.log(4 * math.pi * math.sinh(kappa) / kappa) - kappa / math.tanh(kappa) + 1.0
 
 
 # --------------------------------------------------------------------------- pairwise distances
@@ -153,7 +148,7 @@ def test_kl_von_mises_fisher_s2(kappa, tilt, standardize):
     mu = torch.tensor([math.cos(tilt), math.sin(tilt) * 0.6, math.sin(tilt) * 0.8], dtype=F64)
     x = vmf_s2(4000, kappa, mu, seed=4)
     s_sphere, _ = kl_sphere_entropy(x, standardize=standardize)
-    assert s_sphere == pytest.approx(vmf_s2_entropy(kappa), abs=KL_TOL)
+    assert s_sphere == pytest.approx(vmf3_entropy(kappa), abs=KL_TOL)
 
 
 def test_vmf_sampler_matches_closed_form_mean():
@@ -161,7 +156,7 @@ def test_vmf_sampler_matches_closed_form_mean():
     kappa = 5.0
     mu = torch.tensor([0.0, 1.0, 0.0], dtype=F64)
     w = vmf_s2(200_000, kappa, mu, seed=5) @ mu
-    assert w.mean().item() == pytest.approx(1 / math.tanh(kappa) - 1 / kappa, abs=3e-3)
+    assert w.mean().item() == pytest.approx(vmf3_mean_cos(kappa), abs=3e-3)
 
 
 # --------------------------------------------------------------------------- uniform reference

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO, mlflow_member_runs
+from conftest import REPO, metric_history, mlflow_member_runs
 
 pytest.importorskip("mlflow")
 
@@ -29,14 +29,13 @@ CASES = {
 }
 
 
-def _sweep(tmp_path, grid, sets):
+def _sweep(tmp_path, uri, grid, sets):
     from engine.sweep import main
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     argv = [str(REPO / "grids" / f"{grid}.yaml"), "--tracking-uri", uri, "--storage-path",
             str(tmp_path / "ray_results"), "--verbose", "0"]
     for s in sets:
         argv += ["--set", s]
-    return main(argv), uri
+    return main(argv)
 
 
 def _report(tmp_path, grid, uri):
@@ -46,18 +45,11 @@ def _report(tmp_path, grid, uri):
     return out, pd.read_csv(out / "summary.csv")
 
 
-def _history(uri, run_id, name):
-    from mlflow.tracking import MlflowClient
-    return sorted((m.step, m.value) for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, name))
-
-
 @pytest.mark.parametrize("grid", sorted(CASES))
-def test_vmf_grid_through_engine_and_report(ray_session, tmp_path, monkeypatch, grid):
+def test_vmf_grid_through_engine_and_report(ray_session, tmp_path, tracking_uri, monkeypatch, grid):
     monkeypatch.chdir(tmp_path)
-    rc, uri = _sweep(tmp_path, grid, CASES[grid])
-    # rc 1 means some member was not counted as done by the engine summary (see the report notes);
-    # the MLflow statuses below are the contract the analysis relies on
-    assert rc in (0, 1)
+    uri = tracking_uri
+    assert _sweep(tmp_path, uri, grid, CASES[grid]) == 0
     parent, children = mlflow_member_runs(uri, grid)
     assert parent.data.tags["thermosweep.sweep_status"] == "finished"
     assert len(children) == 6
@@ -68,14 +60,14 @@ def test_vmf_grid_through_engine_and_report(ray_session, tmp_path, monkeypatch, 
         assert p["model"] == "vmf" and p["protocol"] == protocol and p["iterations"] == str(ITERS)
         assert json.loads(p["entropy"])[0]["evaluate_last"] == 3
         assert run.data.tags["thermosweep.status"] == "done"
-        U = _history(uri, run.info.run_id, "train_loss")
+        U = metric_history(uri, run.info.run_id, "train_loss")
         assert [s for s, _ in U] == steps and all(0 <= v <= 2 for _, v in U)
-        assert [s for s, _ in _history(uri, run.info.run_id, "entropy_kl_sphere")] == steps[-3:]
+        assert [s for s, _ in metric_history(uri, run.info.run_id, "entropy_kl_sphere")] == steps[-3:]
         if protocol == "fixed_sphere":
             r0 = float(p["radius"])
-            assert all(abs(v - r0) < 1e-9 * r0 for _, v in _history(uri, run.info.run_id, "radius"))
+            assert all(abs(v - r0) < 1e-9 * r0 for _, v in metric_history(uri, run.info.run_id, "radius"))
             # the pre-projection radius exceeds r0 (a tangent step lengthens θ)
-            assert all(v > r0 for _, v in _history(uri, run.info.run_id, "radius_preproj"))
+            assert all(v > r0 for _, v in metric_history(uri, run.info.run_id, "radius_preproj"))
 
     out, summary = _report(tmp_path, grid, uri)
     row = summary[summary["section"] == "vmf_exact"]
@@ -92,18 +84,19 @@ def test_vmf_grid_through_engine_and_report(ray_session, tmp_path, monkeypatch, 
         assert "vmf_adiabatic" in set(summary["section"])
 
 
-def test_sphere_toy_grid_through_engine_and_report(ray_session, tmp_path, monkeypatch):
+def test_sphere_toy_grid_through_engine_and_report(ray_session, tmp_path, tracking_uri, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    uri = tracking_uri
     # log:30 instead of the grid's sphere_toy schedule (~500 log steps, each one an MLflow write per member)
-    rc, uri = _sweep(tmp_path, "sphere_toy", ["iterations=3000", "lr=[0.01, 0.1, 1.0]", "log_schedule=log:30"])
-    assert rc in (0, 1)
+    sets = ["iterations=3000", "lr=[0.01, 0.1, 1.0]", "log_schedule=log:30"]
+    assert _sweep(tmp_path, uri, "sphere_toy", sets) == 0
     parent, children = mlflow_member_runs(uri, "sphere_toy")
     assert len(children) == 6
     settings = sorted(r.data.params["setting"] for r in children.values())
     assert settings == ["op"] * 3 + ["up"] * 3
     for run in children.values():
         assert run.data.tags["thermosweep.status"] in ("done", "converged")
-        snr = _history(uri, run.info.run_id, "snr")
+        snr = metric_history(uri, run.info.run_id, "snr")
         assert snr[0][0] == 0 and all(v > 0 for _, v in snr)
         if run.data.tags["thermosweep.status"] == "done":
             assert snr[-1][0] == 3000

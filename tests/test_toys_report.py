@@ -25,6 +25,7 @@ from analysis.load import load_experiment  # noqa: E402
 from analysis.report import Options, Skip, main  # noqa: E402
 from analysis.toys_report import (sphere_toy_section, vmf_adiabatic_section,  # noqa: E402
                                   vmf_exact_section)
+from conftest import vmf3_entropy, vmf3_mean_cos  # noqa: E402
 from test_report import _log_member, _parent  # noqa: E402
 
 LRS = np.logspace(-3, -1, 5)
@@ -36,17 +37,8 @@ EPS = 0.02                                 # ± wiggle on the last entropy value
 UWIG = 1e-3                                # ± wiggle on the U rows of the window, relative to exact U
 
 
-def _A3(k):
-    return 1 / np.tanh(k) - 1 / k
-
-
 def U3(k):
-    return 1 - _A3(k)
-
-
-def S3(k):
-    log_sinh = k + np.log1p(-np.exp(-2 * k)) - math.log(2)
-    return math.log(4 * math.pi) + log_sinh - np.log(k) - k * _A3(k)
+    return 1 - vmf3_mean_cos(k)
 
 
 def _tail(value, n, before):
@@ -93,8 +85,8 @@ def _vmf_metrics(protocol, i, j, lr, x):
     k = 1 / T
     du, ds, dr = (_d(DU, i, j), _d(DS, i, j), _d(DR, i, j)) if protocol != "fixed_lr" else (0, 0, _d(DR, i, j))
     U = U3(k) * (1 + du)
-    S = S3(k) + ds
-    S_full = S3(k) + 2 * math.log(r) + (AD.get((i, j), 0.0) if protocol == "fixed_lr" else 0.0)
+    S = vmf3_entropy(k) + ds
+    S_full = vmf3_entropy(k) + 2 * math.log(r) + (AD.get((i, j), 0.0) if protocol == "fixed_lr" else 0.0)
     u_rows = _tail(U, 6, 3 * U)
     u_rows[-6:] += U3(k) * UWIG * np.array([1, -1] * 3)          # mean unchanged, batch s.e. U·UWIG/√5
     m = {"train_loss": (ITS, u_rows),
@@ -175,7 +167,7 @@ def test_vmf_exact_fixed_elr_errors_equal_injected(store, tmp_path):
     # T = η/2 (§7), κ = 1/T; exact values against the D = 3 closed forms
     assert np.allclose(t["T"], t["lr"] / 2, rtol=1e-14)
     assert np.allclose(t["U_exact"], U3(2 / t["lr"]), rtol=1e-10)
-    assert np.allclose(t["S_exact"], S3(2 / t["lr"]), rtol=0, atol=1e-10)
+    assert np.allclose(t["S_exact"], vmf3_entropy(2 / t["lr"]), rtol=0, atol=1e-10)
     assert np.allclose(t["S_sem"], EPS / 3, rtol=1e-9)            # std of ±ε (ddof 1) / √10
     assert (t["U_rows"] == 6).all()
     # six rows alternating ±δ: std (ddof 1) δ√(6/5), s.e. δ/√5; z = (U_sim − U_exact)/s.e.
@@ -188,7 +180,7 @@ def test_vmf_exact_fixed_elr_errors_equal_injected(store, tmp_path):
                        np.abs(t["U_exact"] * (1 + du) / t["U_discrete"] - 1), rtol=1e-8)
     # discrete-step radius (§7) with tr Σ = 2 and the vMF G² = 2 A_3(κ)/κ: r² = η (1 + A_3/κ)/λ
     k = 2 / t["lr"]
-    assert np.allclose(t["r_discrete"], np.sqrt(t["lr"] * (1 + _A3(k) / k) / t["wd"]), rtol=1e-10)
+    assert np.allclose(t["r_discrete"], np.sqrt(t["lr"] * (1 + vmf3_mean_cos(k) / k) / t["wd"]), rtol=1e-10)
     row = res.summary_rows[0]
     # interior: U errors 0.01 ×8 and 0.08; S 0.05 ×8 and 0.2; radius 0.02 ×8 and 0.025
     assert row["U_rel_err_median"] == pytest.approx(0.01, rel=1e-9)
@@ -221,7 +213,7 @@ def test_vmf_exact_fixed_sphere_pressure_and_helmholtz(store, tmp_path):
         assert t.loc[rid, "radius_rel_err"] == pytest.approx(v, rel=1e-6), rid
     assert np.allclose(t["p_predicted"], t["lr"] / t["r0"] ** 2, rtol=1e-12)
     k = 2 / t["lr"]
-    assert np.allclose(t["p_discrete"], t["lr"] * (1 + _A3(k) / k) / t["r0"] ** 2, rtol=1e-10)
+    assert np.allclose(t["p_discrete"], t["lr"] * (1 + vmf3_mean_cos(k) / k) / t["r0"] ** 2, rtol=1e-10)
     assert (t["r_tilde_rows"] == 4).all()
     row = res.summary_rows[0]
     assert row["pressure_rel_err_median"] == pytest.approx(0.02, rel=1e-6)
@@ -237,7 +229,7 @@ def test_helmholtz_exact_vmf_is_own_minimiser(store, tmp_path, monkeypatch):
     sw = load_experiment("toy_fixed_sphere", tracking_uri=store["uri"])
     t = tr.vmf_member_table(sw, sw.members.rename(columns={"radius": "r0"}))
     t["U_sim"] = U3(2 / t["lr"])
-    t["S_full"] = S3(2 / t["lr"]) + 2 * np.log(t["r0"])
+    t["S_full"] = vmf3_entropy(2 / t["lr"]) + 2 * np.log(t["r0"])
     rank, gap, kind = tr._potential(t, "fixed_sphere")
     assert kind.startswith("Helmholtz") and (rank == 0).all() and np.allclose(gap, 0)
     t["U_sim"] = U3(2 / t["lr"][::-1].to_numpy())                   # wrong pairing → not minimisers
