@@ -63,14 +63,6 @@ class Sweep:
     def metric_names(self):
         return [c for c in self.series.columns if c not in ("run_id", "iteration")]
 
-    def member_series(self, run_id, metric):
-        """(iterations, values) of one metric of one member, NaN rows dropped."""
-        s = self.series[self.series["run_id"] == run_id]
-        if metric not in s:
-            return np.array([]), np.array([])
-        s = s[["iteration", metric]].dropna()
-        return s["iteration"].to_numpy(float), s[metric].to_numpy(float)
-
 
 # -----------------------------------------------------------------------------
 # params

@@ -33,9 +33,9 @@ from analysis import ideal_gas as ig
 from analysis.figures import plt
 from analysis.free_energy import fit_temperature, free_energy_curves, temperature_along_training
 from analysis.load import SweepNotFound, Sweep, load_experiment
-from analysis.sections import (SECTIONS, Options, SectionResult, Skip, for_each_group, group_members,
-                               heatmap, member_table, nanmedian, register_section, rel_err, slug,
-                               write_table)
+from analysis.sections import (SECTIONS, Options, SectionResult, Skip, finite_rows, for_each_group,
+                               group_members, heatmap, member_table, nanmedian, register_section,
+                               rel_err, slug, split_by_member, write_table)
 from analysis.snr import default_phase_threshold, gradient_phase_exponent
 
 PLUGINS = ("analysis.toys_report",)
@@ -44,15 +44,6 @@ UNIFORM_MAX_D = 50_000
 
 # -----------------------------------------------------------------------------
 # shared helpers
-
-def _series(sweep, run_id, *metrics):
-    """Rows of one member where every given metric is finite: (iterations, [values...])."""
-    s = sweep.series[sweep.series["run_id"] == run_id]
-    if any(m not in s.columns for m in metrics):
-        return np.array([]), [np.array([]) for _ in metrics]
-    s = s[["iteration", *metrics]].dropna()
-    return s["iteration"].to_numpy(float), [s[m].to_numpy(float) for m in metrics]
-
 
 def _fmt(v):
     if isinstance(v, (bool, np.bool_)):
@@ -88,12 +79,13 @@ def _measured_vs_predicted(t, measured, predictions, row, res, out_dir, name, xl
     res.figures.append(fg.save(fig, out_dir, name))
 
 
-def _lr_lines(ax, sweep, g, metric, ylog=True):
-    """One curve per member of ``metric`` vs iteration (iteration > 0, log x), coloured by LR."""
+def _lr_lines(ax, by_member, g, metric, ylog=True):
+    """One curve per member of ``metric`` vs iteration (iteration > 0, log x), coloured by LR;
+    ``by_member``: the members' series rows from ``split_by_member``."""
     colors, _ = fg.value_colors(g["lr"])
     drawn = 0
     for (rid, _), c in zip(g.iterrows(), colors):
-        it, (v,) = _series(sweep, rid, metric)
+        it, (v,) = finite_rows(by_member.get(rid), metric)
         keep = it > 0
         if ylog:
             keep &= v > 0
@@ -160,11 +152,12 @@ def free_energy_section(sweep, out_dir, opts):
     res.notes.append(f"S = {ent}; ε = {opts.eps}; smoothing h = {opts.h}; {seg}")
     res.notes.append("uniform-reference loss asymptote not drawn: it needs the model "
                      "(trainables.entropy.uniform_sphere_reference with a loss_fn)")
+    by_member = split_by_member(sweep.series, tab.index)
     return for_each_group(res, tab, ("lr",), lambda label, g: _free_energy_group(
-        sweep, out_dir, opts, res, label, g.sort_values("lr"), ent, K))
+        by_member, out_dir, opts, res, label, g.sort_values("lr"), ent, K))
 
 
-def _free_energy_group(sweep, out_dir, opts, res, label, g, ent, K):
+def _free_energy_group(by_member, out_dir, opts, res, label, g, ent, K):
     s = slug(label)
     U_all = g["train_loss"].to_numpy(float) if "train_loss" in g else np.full(len(g), np.nan)
     S_all = g[ent].to_numpy(float) if ent in g else np.full(len(g), np.nan)
@@ -204,9 +197,9 @@ def _free_energy_group(sweep, out_dir, opts, res, label, g, ent, K):
     colors, sm = fg.value_colors(g["lr"])
     # 1. training curves
     fig, ax = fg.figure(2)
-    _lr_lines(ax[0, 0], sweep, g, "train_loss")
+    _lr_lines(ax[0, 0], by_member, g, "train_loss")
     ax[0, 0].set_ylabel("train loss U")
-    _lr_lines(ax[0, 1], sweep, g, ent, ylog=False)
+    _lr_lines(ax[0, 1], by_member, g, ent, ylog=False)
     ax[0, 1].set_ylabel(f"entropy S (k = {K})")
     fig.suptitle(f"training, {label}")
     fg.colorbar(fig, ax, sm)
@@ -274,7 +267,7 @@ def _free_energy_group(sweep, out_dir, opts, res, label, g, ent, K):
     # 5. OP temperature decay along training, smallest LRs whose U decreases steadily
     rows, lines = [], []
     for rid in g.index[:3]:
-        it, (Ut, St) = _series(sweep, rid, "train_loss", ent)
+        it, (Ut, St) = finite_rows(by_member.get(rid), "train_loss", ent)
         if it.size < 5 or not _steadily_decreasing(Ut[-100:]):
             continue
         Tt = temperature_along_training(Ut, St, delta=2, last=100)
@@ -342,13 +335,14 @@ def snr_section(sweep, out_dir, opts):
     if not phase_ok:
         res.notes.append("phase diagram needs full_grad_norm and stoch_grad_mean_norm; skipped")
     exps = []
+    by_member = split_by_member(sweep.series, tab.index)
     for label, g in group_members(tab, ("lr",)):
         g = g.sort_values("lr")
         s = slug(label)
         colors, sm = fg.value_colors(g["lr"])
         fig, ax = fg.figure(len(present))
         for a, m in zip(ax[0], present):
-            _lr_lines(a, sweep, g, m)
+            _lr_lines(a, by_member, g, m)
             a.set_ylabel({"full_grad_norm": r"$|\bar g|$", "stoch_grad_mean_norm": r"mean $|g_i|$",
                           "snr": "snr"}[m])
         fig.suptitle(f"gradient statistics, {label}")
@@ -370,7 +364,7 @@ def snr_section(sweep, out_dir, opts):
         if phase_ok:
             fig, ax = fg.figure(1, width=6)
             for (rid, m), c in zip(g.iterrows(), colors):
-                it, (full, stoch) = _series(sweep, rid, "full_grad_norm", "stoch_grad_mean_norm")
+                it, (full, stoch) = finite_rows(by_member.get(rid), "full_grad_norm", "stoch_grad_mean_norm")
                 n_it = m.get("iterations")
                 n_it = int(n_it) if n_it is not None and np.isfinite(n_it) else int(it.max(initial=0))
                 thr = default_phase_threshold(max(n_it, 1))
@@ -507,13 +501,13 @@ def _ideal_gas_group(sweep, out_dir, opts, res, label, g, S_key):
 
     # fixed sphere: effective pressure from the pre-projection radius
     if protocol == "fixed_sphere":
-        rp = sweep.running if "radius_preproj" in sweep.running.columns else None
-        if rp is None:
+        if "radius_preproj" not in sweep.running.columns:
             res.notes.append(f"group {label}: no running/radius_preproj; effective pressure skipped")
         else:
             r_tilde, n_used = [], []
+            running = split_by_member(sweep.running, t["run_id"])
             for rid in t["run_id"]:
-                v = rp.loc[rp["run_id"] == rid, "radius_preproj"].dropna().to_numpy(float)
+                _, (v,) = finite_rows(running.get(rid), "radius_preproj")
                 v = v[-opts.pressure_last:]
                 r_tilde.append(v.mean() if v.size else np.nan)
                 n_used.append(v.size)

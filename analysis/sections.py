@@ -120,6 +120,24 @@ def for_each_group(res, tab, axes, fn):
     return res
 
 
+def split_by_member(frame, run_ids=None) -> dict:
+    """run_id → that member's rows of ``frame`` (``sweep.series`` or ``sweep.running``), split in
+    one pass; ``run_ids`` limits the split to those members."""
+    if run_ids is not None:
+        frame = frame[frame["run_id"].isin(list(run_ids))]
+    return dict(iter(frame.groupby("run_id", sort=False)))
+
+
+def finite_rows(rows, *metrics):
+    """(iterations, [values...]) of one member's rows (a ``split_by_member`` value, or None for a
+    member without rows) where every given metric is present."""
+    if rows is None or any(m not in rows.columns for m in metrics):
+        return np.array([]), [np.array([]) for _ in metrics]
+    cols = [rows[k].to_numpy(float) for k in ("iteration", *metrics)]
+    keep = ~np.any(np.isnan(cols), axis=0)
+    return cols[0][keep], [c[keep] for c in cols[1:]]
+
+
 # -----------------------------------------------------------------------------
 # output and numbers
 

@@ -34,8 +34,8 @@ from scipy.stats import t as student_t
 
 from analysis import figures as fg
 from analysis import ideal_gas as ig
-from analysis.sections import (SectionResult, Skip, group_members, heatmap, register_section, slug,
-                               write_table)
+from analysis.sections import (SectionResult, Skip, finite_rows, group_members, heatmap,
+                               register_section, slug, split_by_member, write_table)
 from trainables.toys.vmf import vmf_entropy, vmf_loss, vmf_mean_cos, vmf_temperature
 
 U_WINDOW_ITERS = 250_000       # §8: last 5000 running values every 50 iterations
@@ -142,10 +142,6 @@ def _members(sweep, model):
     return m.rename(columns={"radius": "r0"})
 
 
-def _series_of(sweep, run_id, metric):
-    return sweep.member_series(run_id, metric)
-
-
 # -----------------------------------------------------------------------------
 # vMF toy: per-member table
 
@@ -164,7 +160,9 @@ def vmf_member_table(sweep, members, u_window=None, p_window=None, entropy_last=
         raise ValueError(f"vmf_member_table needs one protocol, got {list(protocols)}")
     protocol = protocols[0]
     rows = []
+    by_member = split_by_member(sweep.series, members.index)
     for rid, m in members.iterrows():
+        series = by_member.get(rid)
         D = m.get("D")
         D = int(D) if D is not None and np.isfinite(D) else int(m.get("dim", 3))
         noise = float(m["noise"]) if "noise" in m and m["noise"] is not None else 1.0
@@ -174,18 +172,18 @@ def vmf_member_table(sweep, members, u_window=None, p_window=None, entropy_last=
                "D": D, "noise": noise}
         T = float(vmf_temperature(protocol, row["lr"], wd, noise, D))
         row["T"], row["kappa"] = T, (1.0 / T if T > 0 else float("nan"))
-        it, U = _series_of(sweep, rid, "train_loss")
+        it, (U,) = finite_rows(series, "train_loss")
         rows_u = tail_rows(it, U, u_window)
         row["U_sim"] = float(rows_u.mean()) if rows_u.size else float("nan")
         row["U_rows"], row["U_sem"] = int(rows_u.size), batch_sem(rows_u)
-        _, S = _series_of(sweep, rid, "entropy_kl_sphere")
+        _, (S,) = finite_rows(series, "entropy_kl_sphere")
         row["S_sim"], row["S_sem"], row["S_evals"] = last_mean(S, entropy_last)
-        _, Sf = _series_of(sweep, rid, "entropy_kl_full")
+        _, (Sf,) = finite_rows(series, "entropy_kl_full")
         row["S_full"], row["S_full_sem"], _ = last_mean(Sf, entropy_last)
-        it, r = _series_of(sweep, rid, "radius")
+        it, (r,) = finite_rows(series, "radius")
         row["radius"], _ = tail_mean(it, r, u_window)
         if protocol == "fixed_sphere":
-            it, rp = _series_of(sweep, rid, "radius_preproj")
+            it, (rp,) = finite_rows(series, "radius_preproj")
             row["r_tilde"], row["r_tilde_rows"] = tail_mean(it, rp, p_window)
         rows.append(row)
     t = pd.DataFrame(rows)
@@ -510,13 +508,18 @@ def vmf_adiabatic_section(sweep, out_dir, opts):
 # -----------------------------------------------------------------------------
 # 3D sphere toy
 
-def sphere_toy_table(sweep, members):
-    """One row per sphere-toy member: setting, lr, status, final loss / snr, stationary snr."""
+def sphere_toy_table(sweep, members, by_member=None):
+    """One row per sphere-toy member: setting, lr, status, final loss / snr, stationary snr.
+
+    ``by_member``: the members' series rows (``split_by_member``), split here when not given."""
     st = sweep.stationary
+    if by_member is None:
+        by_member = split_by_member(sweep.series, members.index)
     rows = []
     for rid, m in members.iterrows():
-        it, loss = _series_of(sweep, rid, "train_loss")
-        _, snr = _series_of(sweep, rid, "snr")
+        series = by_member.get(rid)
+        it, (loss,) = finite_rows(series, "train_loss")
+        _, (snr,) = finite_rows(series, "snr")
         conv = m.get("status") == "converged" or (loss.size > 0 and loss[-1] < OP_LOSS_FLOOR)
         hit = np.nonzero(loss < OP_LOSS_FLOOR)[0]
         rows.append({"run_id": rid, "setting": m.get("setting"), "lr": float(m["lr"]),
@@ -533,7 +536,8 @@ def sphere_toy_section(sweep, out_dir, opts):
     """THEORY.md §8 sphere toy (free-energy paper): training curves, snr vs LR, UP/OP checks."""
     res = SectionResult("sphere_toy")
     members = _members(sweep, "sphere_toy")
-    t = sphere_toy_table(sweep, members)
+    by_member = split_by_member(sweep.series, members.index)
+    t = sphere_toy_table(sweep, members, by_member)
     write_table(t, out_dir, "sphere_toy.csv", res)
     settings = [s for s in ("up", "op") if (t["setting"] == s).any()]
     if not settings:
@@ -547,7 +551,7 @@ def sphere_toy_section(sweep, out_dir, opts):
         colors = [sm.to_rgba(v) for v in sub["lr"]]
         for (_, m), c in zip(sub.iterrows(), colors):
             for a, (key, _) in zip(ax[r], SPHERE_METRICS):
-                it, v = _series_of(sweep, m["run_id"], key)
+                it, (v,) = finite_rows(by_member.get(m["run_id"]), key)
                 keep = (it > 0) & (v > 0) & np.isfinite(v)
                 if setting == "op" and key == "train_loss":
                     keep &= v >= OP_LOSS_FLOOR            # converged: masked (§8)
