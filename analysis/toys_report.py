@@ -460,9 +460,7 @@ def vmf_adiabatic_section(sweep, out_dir, opts):
             continue
         s = "vmf_adiabatic_" + slug(label)
         # exact reference: S_sphere(κ = 1/T) + (D − 1) log r* with the SDE radius (§7, §8)
-        D = int(t["D"].iloc[0])
-        r_sde = ig.radius_sde("fixed_lr", t["lr"], t["wd"], t["noise"] ** 2, D)
-        t["S_full_exact"] = t["S_exact"] + (D - 1) * np.log(r_sde)
+        t["S_full_exact"] = t["S_exact"] + (t["D"] - 1) * np.log(t["r_predicted"])
         inn = t[t["interior"]]
         etas, spread = ig.adiabatic_spread(inn["lr"], inn["wd"], inn["S_full"])
         _, spread_exact = ig.adiabatic_spread(inn["lr"], inn["wd"], inn["S_full_exact"])
