@@ -34,7 +34,7 @@ from scipy.stats import t as student_t
 
 from analysis import figures as fg
 from analysis import ideal_gas as ig
-from analysis.sections import (SectionResult, Skip, finite_rows, group_members, heatmap,
+from analysis.sections import (SectionResult, Skip, finite_rows, group_members, heatmap, member_table,
                                register_section, slug, split_by_member, write_table)
 from trainables.toys.vmf import vmf_entropy, vmf_loss, vmf_mean_cos, vmf_temperature
 
@@ -132,14 +132,16 @@ def _stat(a, fn):
 
 
 def _members(sweep, model):
-    m = sweep.members
-    if "model" not in m.columns or not (m["model"] == model).any():
-        found = sorted(set(m["model"].dropna())) if "model" in m.columns else []
+    """The usable members of one toy model: rows of ``member_table`` (params and stationary values)."""
+    models = sweep.members["model"] if "model" in sweep.members.columns else pd.Series(dtype=object)
+    if not (models == model).any():
+        found = sorted(set(models.dropna()))
         raise Skip(f"no {model} members (models in this sweep: {found or 'none'})")
-    m = m[(m["model"] == model) & ~m.index.isin(list(sweep.excluded))]
+    m = member_table(sweep)
+    m = m[m["model"] == model]
     if m.empty:
         raise Skip(f"every {model} member is excluded (diverged or without logs)")
-    return m.rename(columns={"radius": "r0"})
+    return m
 
 
 # -----------------------------------------------------------------------------
@@ -148,7 +150,8 @@ def _members(sweep, model):
 def vmf_member_table(sweep, members, u_window=None, p_window=None, entropy_last=None):
     """One row per vMF member: T, κ, simulated vs exact U and S_sphere, radius / pressure.
 
-    ``members``: rows of ``sweep.members`` of one protocol (radius param renamed ``r0``).
+    ``members``: rows of one protocol from ``member_table`` (or of ``sweep.members`` with the
+    ``radius`` param renamed ``r0``).
     Exact values come from THEORY.md §8 (vmf_loss, vmf_entropy at κ = 1/T, T from §7).
     Windows default to the module settings U_WINDOW_ITERS, PRESSURE_WINDOW_ITERS, ENTROPY_LAST.
     """
@@ -509,8 +512,8 @@ def vmf_adiabatic_section(sweep, out_dir, opts):
 def sphere_toy_table(sweep, members, by_member=None):
     """One row per sphere-toy member: setting, lr, status, final loss / snr, stationary snr.
 
-    ``by_member``: the members' series rows (``split_by_member``), split here when not given."""
-    st = sweep.stationary
+    ``members``: rows of ``member_table``; ``by_member``: their series rows (``split_by_member``),
+    split here when not given."""
     if by_member is None:
         by_member = split_by_member(sweep.series, members.index)
     rows = []
@@ -524,7 +527,7 @@ def sphere_toy_table(sweep, members, by_member=None):
                      "status": m.get("status"), "n_logs": int(it.size),
                      "final_loss": float(loss[-1]) if loss.size else float("nan"),
                      "final_snr": float(snr[-1]) if snr.size else float("nan"),
-                     "stationary_snr": float(st.loc[rid, "snr"]) if rid in st.index and "snr" in st else float("nan"),
+                     "stationary_snr": float(m.get("snr", np.nan)),
                      "converged": bool(conv),
                      "converged_at": float(it[hit[0]]) if hit.size else float("nan")})
     return pd.DataFrame(rows).sort_values(["setting", "lr"], ignore_index=True)
