@@ -34,7 +34,7 @@ from analysis.figures import plt
 from analysis.free_energy import fit_temperature, free_energy_curves, temperature_along_training
 from analysis.load import SweepNotFound, Sweep, load_experiment
 from analysis.sections import (SECTIONS, Options, SectionResult, Skip, finite_rows, for_each_group,
-                               group_members, heatmap, member_table, nanmedian, register_section,
+                               finite_stat, group_members, heatmap, member_table, register_section,
                                rel_err, slug, split_by_member, write_table)
 from analysis.snr import default_phase_threshold, gradient_phase_exponent
 
@@ -68,7 +68,7 @@ def _measured_vs_predicted(t, measured, predictions, row, res, out_dir, name, xl
     fig, ax = fg.figure(1, width=6)
     for k, mk in zip(predictions, ("o", "s")):
         ax[0, 0].plot(t[k], t[measured], mk, mfc="none", label=k.replace("_", " "))
-        row[f"{k}_rel_err_median"] = nanmedian(rel_err(t[measured], t[k]))
+        row[f"{k}_rel_err_median"] = finite_stat(rel_err(t[measured], t[k]))
     fg.identity_line(ax[0, 0], np.r_[t[measured], t[predictions[0]]])
     ax[0, 0].set_xscale("log")
     ax[0, 0].set_yscale("log")

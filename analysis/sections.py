@@ -170,7 +170,8 @@ def rel_err(measured, predicted):
         return np.abs(measured - predicted) / np.abs(predicted)
 
 
-def nanmedian(a):
+def finite_stat(a, fn=np.median):
+    """``fn`` (default the median) of the finite values of ``a``; NaN when there are none."""
     a = np.asarray(a, float)
     a = a[np.isfinite(a)]
-    return float(np.median(a)) if a.size else float("nan")
+    return float(fn(a)) if a.size else float("nan")

@@ -34,8 +34,9 @@ from scipy.stats import t as student_t
 
 from analysis import figures as fg
 from analysis import ideal_gas as ig
-from analysis.sections import (SectionResult, Skip, finite_rows, group_members, heatmap, member_table,
-                               register_section, slug, split_by_member, write_table)
+from analysis.sections import (SectionResult, Skip, finite_rows, finite_stat, group_members, heatmap,
+                               member_table, register_section, rel_err, slug, split_by_member,
+                               write_table)
 from trainables.toys.vmf import vmf_entropy, vmf_loss, vmf_mean_cos, vmf_temperature
 
 U_WINDOW_ITERS = 250_000       # §8: last 5000 running values every 50 iterations
@@ -125,12 +126,6 @@ def _spearman(x, y):
     return float(spearmanr(x, y)[0]) if x.size >= 3 else float("nan")
 
 
-def _stat(a, fn):
-    a = np.asarray(a, dtype=float)
-    a = a[np.isfinite(a)]
-    return float(fn(a)) if a.size else float("nan")
-
-
 def _members(sweep, model):
     """The usable members of one toy model: rows of ``member_table`` (params and stationary values)."""
     models = sweep.members["model"] if "model" in sweep.members.columns else pd.Series(dtype=object)
@@ -199,7 +194,7 @@ def vmf_member_table(sweep, members, u_window=None, p_window=None, entropy_last=
     if ok.any():
         t.loc[ok, "U_exact"] = vmf_loss(t.loc[ok, "kappa"].to_numpy(), D)
         t.loc[ok, "S_exact"] = vmf_entropy(t.loc[ok, "kappa"].to_numpy(), D)
-    t["U_rel_err"] = np.abs(t["U_sim"] - t["U_exact"]) / t["U_exact"]
+    t["U_rel_err"] = rel_err(t["U_sim"], t["U_exact"])
     # U's distance from the exact value in units of its own sampling error (batch means of the rows)
     t["U_z"] = (t["U_sim"] - t["U_exact"]) / t["U_sem"]
     if protocol != "fixed_lr":
@@ -213,7 +208,7 @@ def vmf_member_table(sweep, members, u_window=None, p_window=None, entropy_last=
         if small.any():
             kd = t.loc[small, "kappa"].to_numpy() * (1 - t.loc[small, "lr"].to_numpy() / 2)
             t.loc[small, "U_discrete"] = vmf_loss(kd, D)
-        t["U_discrete_rel_err"] = np.abs(t["U_sim"] - t["U_discrete"]) / t["U_discrete"]
+        t["U_discrete_rel_err"] = rel_err(t["U_sim"], t["U_discrete"])
         t["U_discrete_z"] = (t["U_sim"] - t["U_discrete"]) / t["U_sem"]
     t["S_abs_err"] = np.abs(t["S_sim"] - t["S_exact"])
     # discrete-step correction of §7 with this toy's exact tr Σ = σ²(D − 1) and, under the vMF law,
@@ -228,8 +223,8 @@ def vmf_member_table(sweep, members, u_window=None, p_window=None, entropy_last=
         t["p_measured"] = ig.effective_pressure(t["r_tilde"], t["r0"], t["lr"])
         t["p_predicted"] = ig.effective_pressure_prediction(t["T"], D, t["r0"])
         t["p_discrete"] = ig.effective_pressure_discrete(t["lr"], tr_sigma, G2, t["r0"])
-        t["radius_rel_err"] = np.abs(t["p_measured"] - t["p_predicted"]) / t["p_predicted"]
-        t["discrete_rel_err"] = np.abs(t["p_measured"] - t["p_discrete"]) / t["p_discrete"]
+        t["radius_rel_err"] = rel_err(t["p_measured"], t["p_predicted"])
+        t["discrete_rel_err"] = rel_err(t["p_measured"], t["p_discrete"])
         second = "r0"
     else:
         pos = (t["wd"] > 0).to_numpy()
@@ -239,8 +234,8 @@ def vmf_member_table(sweep, members, u_window=None, p_window=None, entropy_last=
             tp = t[pos]
             t.loc[pos, "r_predicted"] = ig.radius_sde(protocol, tp["lr"], tp["wd"], tp["noise"] ** 2, D)
             t.loc[pos, "r_discrete"] = ig.radius_discrete(protocol, tp["lr"], tp["wd"], tr_sigma[pos], G2[pos])
-        t["radius_rel_err"] = np.abs(t["radius"] - t["r_predicted"]) / t["r_predicted"]
-        t["discrete_rel_err"] = np.abs(t["radius"] - t["r_discrete"]) / t["r_discrete"]
+        t["radius_rel_err"] = rel_err(t["radius"], t["r_predicted"])
+        t["discrete_rel_err"] = rel_err(t["radius"], t["r_discrete"])
         second = "wd"
     t["interior"] = interior_mask(t["lr"], t[second])
     return t
@@ -283,36 +278,36 @@ def vmf_summary(t, protocol):
     th = THRESHOLDS
     inn = t[t["interior"]]
     row = {"protocol": protocol, "n_members": len(t), "n_interior": len(inn),
-           "U_rel_err_median": _stat(inn["U_rel_err"], np.median),
-           "U_rel_err_max": _stat(inn["U_rel_err"], np.max),
-           "U_rel_err_max_all": _stat(t["U_rel_err"], np.max),
-           "S_abs_err_median": _stat(inn["S_abs_err"], np.median),
-           "S_abs_err_max": _stat(inn["S_abs_err"], np.max),
-           "S_abs_err_max_all": _stat(t["S_abs_err"], np.max),
-           "S_sem_median": _stat(t["S_sem"], np.median)}
+           "U_rel_err_median": finite_stat(inn["U_rel_err"]),
+           "U_rel_err_max": finite_stat(inn["U_rel_err"], np.max),
+           "U_rel_err_max_all": finite_stat(t["U_rel_err"], np.max),
+           "S_abs_err_median": finite_stat(inn["S_abs_err"]),
+           "S_abs_err_max": finite_stat(inn["S_abs_err"], np.max),
+           "S_abs_err_max_all": finite_stat(t["S_abs_err"], np.max),
+           "S_sem_median": finite_stat(t["S_sem"])}
     # is the U error sampling noise? |z| of U − U_exact against its batch-means standard error, and
     # how many |z| > 3 a simulation that follows the exact law would give (Student t, rows − 1 dof)
     z = np.abs(inn["U_z"].to_numpy(dtype=float))
     z = z[np.isfinite(z)]
-    row["U_rel_sem_median"] = _stat(inn["U_sem"] / inn["U_exact"], np.median)
-    row["U_abs_z_median"] = _stat(z, np.median)
-    row["U_abs_z_max"] = _stat(z, np.max)
+    row["U_rel_sem_median"] = finite_stat(inn["U_sem"] / inn["U_exact"])
+    row["U_abs_z_median"] = finite_stat(z)
+    row["U_abs_z_max"] = finite_stat(z, np.max)
     row["U_n_abs_z_gt3"] = int((z > 3).sum())
-    dof = _stat(inn["U_rows"], np.median) - 1
+    dof = finite_stat(inn["U_rows"]) - 1
     row["U_n_abs_z_gt3_expected"] = (float(z.size * 2 * student_t.sf(3.0, dof)) if z.size and dof >= 1
                                      else float("nan"))
     if "U_discrete" in inn:
         zd = np.abs(inn["U_discrete_z"].to_numpy(dtype=float))
         zd = zd[np.isfinite(zd)]
-        row["U_discrete_rel_err_median"] = _stat(inn["U_discrete_rel_err"], np.median)
-        row["U_discrete_rel_err_max"] = _stat(inn["U_discrete_rel_err"], np.max)
-        row["U_discrete_abs_z_median"] = _stat(zd, np.median)
+        row["U_discrete_rel_err_median"] = finite_stat(inn["U_discrete_rel_err"])
+        row["U_discrete_rel_err_max"] = finite_stat(inn["U_discrete_rel_err"], np.max)
+        row["U_discrete_abs_z_median"] = finite_stat(zd)
         row["U_discrete_n_abs_z_gt3"] = int((zd > 3).sum())
     what = "pressure" if protocol == "fixed_sphere" else "radius"
-    row[f"{what}_rel_err_median"] = _stat(inn["radius_rel_err"], np.median)
-    row[f"{what}_rel_err_max"] = _stat(inn["radius_rel_err"], np.max)
-    row[f"{what}_discrete_rel_err_median"] = _stat(inn["discrete_rel_err"], np.median)
-    row[f"{what}_discrete_rel_err_max"] = _stat(inn["discrete_rel_err"], np.max)
+    row[f"{what}_rel_err_median"] = finite_stat(inn["radius_rel_err"])
+    row[f"{what}_rel_err_max"] = finite_stat(inn["radius_rel_err"], np.max)
+    row[f"{what}_discrete_rel_err_median"] = finite_stat(inn["discrete_rel_err"])
+    row[f"{what}_discrete_rel_err_max"] = finite_stat(inn["discrete_rel_err"], np.max)
     row["pass_U"] = bool(row["U_rel_err_max"] <= th["U_rel_max"]
                          and row["U_rel_err_median"] <= th["U_rel_median"])
     row["pass_S"] = bool(row["S_abs_err_median"] <= th["S_abs_median"]
@@ -397,7 +392,7 @@ def _vmf_group(sweep, out_dir, res, label, g, opts):
     if kind is not None:
         fin = np.isfinite(rank)
         row.update(potential=kind.split()[0], potential_frac_own_min=float(np.mean(rank[fin] == 0)),
-                   potential_frac_own_min_interior=_stat(rank[fin & t["interior"].to_numpy()] == 0, np.mean),
+                   potential_frac_own_min_interior=finite_stat(rank[fin & t["interior"].to_numpy()] == 0, np.mean),
                    potential_max_rank=int(np.nanmax(rank)))
     flags = [k for k in row if k.startswith("pass_")]
     row["pass_all"] = bool(all(row[k] for k in flags))
@@ -467,7 +462,7 @@ def vmf_adiabatic_section(sweep, out_dir, opts):
         inn = t[t["interior"]]
         etas, spread = ig.adiabatic_spread(inn["lr"], inn["wd"], inn["S_full"])
         _, spread_exact = ig.adiabatic_spread(inn["lr"], inn["wd"], inn["S_full_exact"])
-        noise = _stat(inn["S_full_sem"], np.median)
+        noise = finite_stat(inn["S_full_sem"])
         k = int(np.argmax(spread))
         res.summary_rows.append({
             "group": label, "n_eta": int(etas.size), "n_wd": int(inn["wd"].nunique()),
