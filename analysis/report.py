@@ -553,7 +553,7 @@ def _ideal_gas_group(sweep, out_dir, opts, res, label, g, S_key):
             ax[0, 0].set_title(f"Maxwell fit, R² = {mf.r2:.4f}")
             fg.colorbar(fig, ax[0, 0], sm)
             heatmap(ax[0, 1], tt["lr"].to_numpy(), tt["wd"].to_numpy(), mf.rel_err, fg.ETA,
-                     r"$\lambda$", "relative error of the Maxwell relation", fig, "relative error")
+                    r"$\lambda$", "relative error of the Maxwell relation", fig, "relative error")
             res.figures.append(fg.save(fig, out_dir, f"ig_{s}_maxwell.png"))
 
     # V2: potential minimisation, toy models only
@@ -573,9 +573,9 @@ def _ideal_gas_group(sweep, out_dir, opts, res, label, g, S_key):
                        max_rank=int(rank.max()), mean_gap=float(np.mean(gap)))
             fig, ax = fg.figure(2, width=6.2)
             heatmap(ax[0, 0], tt["lr"].to_numpy(), tt[second].to_numpy(), rank, fg.ETA, sec_sym,
-                     f"rank of own configuration\n{kind}", fig, "rank (0 = minimiser)")
+                    f"rank of own configuration\n{kind}", fig, "rank (0 = minimiser)")
             heatmap(ax[0, 1], tt["lr"].to_numpy(), tt[second].to_numpy(), gap, fg.ETA, sec_sym,
-                     "gap to the minimum", fig, "gap")
+                    "gap to the minimum", fig, "gap")
             res.figures.append(fg.save(fig, out_dir, f"ig_{s}_potential.png"))
 
     write_table(t, out_dir, f"ig_{s}.csv", res)

@@ -34,7 +34,7 @@ from scipy.stats import t as student_t
 
 from analysis import figures as fg
 from analysis import ideal_gas as ig
-from analysis.sections import (SectionResult, Skip, finite_rows, finite_stat, group_members, heatmap,
+from analysis.sections import (SectionResult, Skip, finite_rows, finite_stat, for_each_group, heatmap,
                                member_table, register_section, rel_err, slug, split_by_member,
                                write_table)
 from trainables.toys.vmf import vmf_entropy, vmf_loss, vmf_mean_cos, vmf_temperature
@@ -329,14 +329,8 @@ def vmf_exact_section(sweep, out_dir, opts):
                      f"r̃: last {p_win}; S: mean of the last {ENTROPY_LAST} entropy "
                      f"evaluations; summary on the interior ({INTERIOR_DROP} value(s) cut at each end of "
                      "each axis); T from §7 with σ = the noise param (exact for this toy)")
-    for label, g in group_members(members, ("lr", "wd", "r0")):
-        try:
-            _vmf_group(sweep, out_dir, res, label, g, opts)
-        except Skip as e:
-            res.notes.append(f"group {label}: {e}")
-    if not res.summary_rows:
-        raise Skip("no vmf group could be analysed: " + "; ".join(res.notes[1:]))
-    return res
+    return for_each_group(res, members, ("lr", "wd", "r0"),
+                          lambda label, g: _vmf_group(sweep, out_dir, res, label, g, opts))
 
 
 def _vmf_group(sweep, out_dir, res, label, g, opts):
@@ -438,7 +432,7 @@ def _vmf_group(sweep, out_dir, res, label, g, opts):
         fig, ax = fg.figure(len(panels), width=5.6)
         for a, (k, title) in zip(ax[0], panels):
             heatmap(a, t["lr"].to_numpy(), t[second].to_numpy(), t[k].to_numpy(), xsym, sec_sym,
-                     title, fig, k)
+                    title, fig, k)
         res.figures.append(fg.save(fig, out_dir, f"{s}_thermo.png"))
 
 
@@ -449,56 +443,56 @@ def vmf_adiabatic_section(sweep, out_dir, opts):
     members = members[members["protocol"] == "fixed_lr"]
     if members.empty:
         raise Skip("no fixed_lr vmf members: the adiabatic check (λ at fixed η) needs fixed LR")
-    for label, g in group_members(members, ("lr", "wd", "r0")):
-        g = g[g["wd"] > 0]
-        t = vmf_member_table(sweep, g, u_window=getattr(opts, "toy_u_window", None))
-        t = t[np.isfinite(t["S_full"])]
-        if t["wd"].nunique() < 2:
-            res.notes.append(f"group {label}: fewer than 2 weight decays with S_full; skipped")
-            continue
-        s = "vmf_adiabatic_" + slug(label)
-        # exact reference: S_sphere(κ = 1/T) + (D − 1) log r* with the SDE radius (§7, §8)
-        t["S_full_exact"] = t["S_exact"] + (t["D"] - 1) * np.log(t["r_predicted"])
-        inn = t[t["interior"]]
-        etas, spread = ig.adiabatic_spread(inn["lr"], inn["wd"], inn["S_full"])
-        _, spread_exact = ig.adiabatic_spread(inn["lr"], inn["wd"], inn["S_full_exact"])
-        noise = finite_stat(inn["S_full_sem"])
-        k = int(np.argmax(spread))
-        res.summary_rows.append({
-            "group": label, "n_eta": int(etas.size), "n_wd": int(inn["wd"].nunique()),
-            "spread_max": float(spread[k]), "spread_max_at_lr": float(etas[k]),
-            "spread_median": float(np.median(spread)),
-            "spread_exact_max": float(np.max(spread_exact)),
-            "estimator_sem_median": noise,
-            "spread_max_over_sem": float(spread[k] / noise) if noise > 0 else float("nan")})
-        res.notes.append(f"group {label}: spread = max − min of S_full over λ at each interior η; the "
-                         "estimator noise is the standard error of the mean of the last "
-                         f"{ENTROPY_LAST} evaluations (median over members); the range of n i.i.d. "
-                         "values is ≈ 3–4 standard deviations")
-        sp = pd.DataFrame({"lr": etas, "spread": spread, "spread_exact": spread_exact})
-        write_table(sp, out_dir, f"{s}.csv", res)
-        fig, ax = fg.figure(2)
-        colors, sm = fg.value_colors(t["lr"].unique())
-        for c, (lr, sub) in zip(colors, t.sort_values("wd").groupby("lr", sort=True)):
-            ax[0, 0].plot(sub["wd"], sub["S_full"], "o-", color=c, ms=4)
-            ax[0, 0].plot(sub["wd"], sub["S_full_exact"], "--", color=c, lw=0.8)
-        ax[0, 0].set_xscale("log")
-        ax[0, 0].set_xlabel(r"weight decay $\lambda$")
-        ax[0, 0].set_ylabel(r"$S_\mathrm{full}$ (points; dashed: exact vMF + SDE radius)")
-        ax[0, 0].set_title("fixed LR: S vs λ at fixed η")
-        fg.colorbar(fig, ax[0, 0], sm)
-        ax[0, 1].plot(etas, spread, "o-", label="simulation (interior)")
-        ax[0, 1].plot(etas, spread_exact, "k--", label="exact")
-        if np.isfinite(noise):
-            ax[0, 1].axhline(noise, color="C3", lw=1, label="estimator s.e.m. (median)")
-        ax[0, 1].set_xscale("log")
-        ax[0, 1].set_xlabel(fg.ETA)
-        ax[0, 1].set_ylabel(r"spread of $S_\mathrm{full}$ over λ")
-        ax[0, 1].legend()
-        res.figures.append(fg.save(fig, out_dir, f"{s}.png"))
-    if not res.summary_rows:
-        raise Skip("; ".join(res.notes) or "no fixed_lr group")
-    return res
+    return for_each_group(res, members, ("lr", "wd", "r0"),
+                          lambda label, g: _adiabatic_group(sweep, out_dir, opts, res, label, g))
+
+
+def _adiabatic_group(sweep, out_dir, opts, res, label, g):
+    g = g[g["wd"] > 0]
+    t = vmf_member_table(sweep, g, u_window=getattr(opts, "toy_u_window", None))
+    t = t[np.isfinite(t["S_full"])]
+    if t["wd"].nunique() < 2:
+        raise Skip("fewer than 2 weight decays with S_full; skipped")
+    s = "vmf_adiabatic_" + slug(label)
+    # exact reference: S_sphere(κ = 1/T) + (D − 1) log r* with the SDE radius (§7, §8)
+    t["S_full_exact"] = t["S_exact"] + (t["D"] - 1) * np.log(t["r_predicted"])
+    inn = t[t["interior"]]
+    etas, spread = ig.adiabatic_spread(inn["lr"], inn["wd"], inn["S_full"])
+    _, spread_exact = ig.adiabatic_spread(inn["lr"], inn["wd"], inn["S_full_exact"])
+    noise = finite_stat(inn["S_full_sem"])
+    k = int(np.argmax(spread))
+    res.summary_rows.append({
+        "group": label, "n_eta": int(etas.size), "n_wd": int(inn["wd"].nunique()),
+        "spread_max": float(spread[k]), "spread_max_at_lr": float(etas[k]),
+        "spread_median": float(np.median(spread)),
+        "spread_exact_max": float(np.max(spread_exact)),
+        "estimator_sem_median": noise,
+        "spread_max_over_sem": float(spread[k] / noise) if noise > 0 else float("nan")})
+    res.notes.append(f"group {label}: spread = max − min of S_full over λ at each interior η; the "
+                     "estimator noise is the standard error of the mean of the last "
+                     f"{ENTROPY_LAST} evaluations (median over members); the range of n i.i.d. "
+                     "values is ≈ 3–4 standard deviations")
+    sp = pd.DataFrame({"lr": etas, "spread": spread, "spread_exact": spread_exact})
+    write_table(sp, out_dir, f"{s}.csv", res)
+    fig, ax = fg.figure(2)
+    colors, sm = fg.value_colors(t["lr"].unique())
+    for c, (lr, sub) in zip(colors, t.sort_values("wd").groupby("lr", sort=True)):
+        ax[0, 0].plot(sub["wd"], sub["S_full"], "o-", color=c, ms=4)
+        ax[0, 0].plot(sub["wd"], sub["S_full_exact"], "--", color=c, lw=0.8)
+    ax[0, 0].set_xscale("log")
+    ax[0, 0].set_xlabel(r"weight decay $\lambda$")
+    ax[0, 0].set_ylabel(r"$S_\mathrm{full}$ (points; dashed: exact vMF + SDE radius)")
+    ax[0, 0].set_title("fixed LR: S vs λ at fixed η")
+    fg.colorbar(fig, ax[0, 0], sm)
+    ax[0, 1].plot(etas, spread, "o-", label="simulation (interior)")
+    ax[0, 1].plot(etas, spread_exact, "k--", label="exact")
+    if np.isfinite(noise):
+        ax[0, 1].axhline(noise, color="C3", lw=1, label="estimator s.e.m. (median)")
+    ax[0, 1].set_xscale("log")
+    ax[0, 1].set_xlabel(fg.ETA)
+    ax[0, 1].set_ylabel(r"spread of $S_\mathrm{full}$ over λ")
+    ax[0, 1].legend()
+    res.figures.append(fg.save(fig, out_dir, f"{s}.png"))
 
 
 # -----------------------------------------------------------------------------
