@@ -679,25 +679,27 @@ def parse_args(argv=None):
     ap.add_argument("--parent-run", default=None, help="parent run id (default: newest sweep run)")
     ap.add_argument("--window", type=int, default=None,
                     help="stationary window W in logs (default 50; 30 for the ideal_gas schedule)")
-    ap.add_argument("--eps", type=float, default=0.01, help="§5 tolerance ε (default 0.01)")
+    ap.add_argument("--eps", type=float, default=Options.eps, help=f"§5 tolerance ε (default {Options.eps})")
     ap.add_argument("--lr-range", type=float, nargs=2, metavar=("LO", "HI"), default=None,
                     help="§5 stationary segment by LR (both ends included); default automatic")
-    ap.add_argument("--k", type=int, default=50, help="k-NN entropy k (largest logged k ≤ this)")
+    ap.add_argument("--k", type=int, default=Options.k_max, help="k-NN entropy k (largest logged k ≤ this)")
     ap.add_argument("--uniform-n", type=int, default=None,
                     help="samples for the uniform-sphere entropy reference (default: the knn window N)")
     ap.add_argument("--no-upload", action="store_true", help="do not attach the report to the parent run")
-    ap.add_argument("--toy-u-window", type=int, default=None, metavar="ITERS",
-                    help="toys: average U and r over the last ITERS iterations (default 250000, §8)")
-    ap.add_argument("--toy-pressure-window", type=int, default=None, metavar="ITERS",
-                    help="toys: average r̃ over the last ITERS iterations (default 150000, §7)")
+    ap.add_argument("--toy-u-window", type=int, default=Options.toy_u_window, metavar="ITERS",
+                    help=f"toys: average U and r over the last ITERS iterations (default {Options.toy_u_window}, §8)")
+    ap.add_argument("--toy-pressure-window", type=int, default=Options.toy_pressure_window, metavar="ITERS",
+                    help=f"toys: average r̃ over the last ITERS iterations (default {Options.toy_pressure_window}, §7)")
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.eps < 0 or (args.window is not None and args.window < 1) or (
-            args.lr_range and not 0 < args.lr_range[0] <= args.lr_range[1]):
-        print("error: need --eps ≥ 0, --window ≥ 1 and --lr-range LO HI with 0 < LO ≤ HI", file=sys.stderr)
+            args.lr_range and not 0 < args.lr_range[0] <= args.lr_range[1]) or min(
+            args.toy_u_window, args.toy_pressure_window) < 1:
+        print("error: need --eps ≥ 0, --window ≥ 1, --toy-u-window and --toy-pressure-window ≥ 1 and "
+              "--lr-range LO HI with 0 < LO ≤ HI", file=sys.stderr)
         return 2
     opts = Options(eps=args.eps, lr_range=tuple(args.lr_range) if args.lr_range else None,
                    k_max=args.k, uniform_n=args.uniform_n, toy_u_window=args.toy_u_window,

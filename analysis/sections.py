@@ -39,8 +39,9 @@ class Options:
     k_max: int = 50                   # §5 k of the k-NN entropy: 50, or the largest logged k ≤ this
     uniform_n: int | None = None      # samples of the uniform reference (default: the knn window N)
     pressure_last: int = 3000         # §7 running logs averaged for r̃
-    toy_u_window: int | None = None   # §8 toys: iterations of log rows averaged for U (default 250k)
-    toy_pressure_window: int | None = None  # toys: iterations averaged for r̃ (default 150k)
+    toy_u_window: int = 250_000       # §8 toys: iterations of log rows averaged for U and r
+                                      # (the last 5000 running values, one every 50 iterations)
+    toy_pressure_window: int = 150_000  # §7 toys: iterations averaged for r̃ (3000 running logs)
 
 
 @dataclass

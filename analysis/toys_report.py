@@ -34,13 +34,14 @@ from scipy.stats import t as student_t
 
 from analysis import figures as fg
 from analysis import ideal_gas as ig
-from analysis.sections import (SectionResult, Skip, finite_rows, finite_stat, for_each_group, heatmap,
-                               member_table, register_section, rel_err, slug, split_by_member,
-                               write_table)
+from analysis.sections import (Options, SectionResult, Skip, finite_rows, finite_stat, for_each_group,
+                               heatmap, member_table, register_section, rel_err, slug,
+                               split_by_member, write_table)
 from trainables.toys.vmf import vmf_entropy, vmf_loss, vmf_mean_cos, vmf_temperature
 
-U_WINDOW_ITERS = 250_000       # §8: last 5000 running values every 50 iterations
-PRESSURE_WINDOW_ITERS = 150_000  # §7: r̃ over the last 3000 running logs
+# default windows in iterations, set once in Options (--toy-u-window / --toy-pressure-window)
+U_WINDOW_ITERS = Options.toy_u_window              # §8: last 5000 running values every 50 iterations
+PRESSURE_WINDOW_ITERS = Options.toy_pressure_window  # §7: r̃ over the last 3000 running logs
 ENTROPY_LAST = 10              # §8: S = mean of the last 10 entropy evaluations
 INTERIOR_DROP = 1              # grid values dropped at each end of each axis for the summary
 THRESHOLDS = {                 # acceptance thresholds of the toy reproduction
@@ -142,17 +143,16 @@ def _members(sweep, model):
 # -----------------------------------------------------------------------------
 # vMF toy: per-member table
 
-def vmf_member_table(sweep, members, u_window=None, p_window=None, entropy_last=None):
+def vmf_member_table(sweep, members, u_window=U_WINDOW_ITERS, p_window=PRESSURE_WINDOW_ITERS,
+                     entropy_last=ENTROPY_LAST):
     """One row per vMF member: T, κ, simulated vs exact U and S_sphere, radius / pressure.
 
     ``members``: rows of one protocol from ``member_table`` (or of ``sweep.members`` with the
     ``radius`` param renamed ``r0``).
     Exact values come from THEORY.md §8 (vmf_loss, vmf_entropy at κ = 1/T, T from §7).
-    Windows default to the module settings U_WINDOW_ITERS, PRESSURE_WINDOW_ITERS, ENTROPY_LAST.
+    Windows: iterations averaged for U and r (``u_window``) and for r̃ (``p_window``), entropy
+    evaluations averaged for S (``entropy_last``); the report passes its Options.
     """
-    u_window = U_WINDOW_ITERS if u_window is None else u_window
-    p_window = PRESSURE_WINDOW_ITERS if p_window is None else p_window
-    entropy_last = ENTROPY_LAST if entropy_last is None else entropy_last
     protocols = members["protocol"].unique()
     if len(protocols) != 1:
         raise ValueError(f"vmf_member_table needs one protocol, got {list(protocols)}")
@@ -323,10 +323,8 @@ def vmf_exact_section(sweep, out_dir, opts):
     """THEORY.md §8 vs simulation for the isotropic-noise toy; §7 radius/pressure, V2, V3."""
     res = SectionResult("vmf_exact")
     members = _members(sweep, "vmf")
-    u_win = getattr(opts, "toy_u_window", None) or U_WINDOW_ITERS
-    p_win = getattr(opts, "toy_pressure_window", None) or PRESSURE_WINDOW_ITERS
-    res.notes.append(f"U, radius: mean of the log rows covering the last {u_win} iterations; "
-                     f"r̃: last {p_win}; S: mean of the last {ENTROPY_LAST} entropy "
+    res.notes.append(f"U, radius: mean of the log rows covering the last {opts.toy_u_window} "
+                     f"iterations; r̃: last {opts.toy_pressure_window}; S: mean of the last {ENTROPY_LAST} entropy "
                      f"evaluations; summary on the interior ({INTERIOR_DROP} value(s) cut at each end of "
                      "each axis); T from §7 with σ = the noise param (exact for this toy)")
     return for_each_group(res, members, ("lr", "wd", "r0"),
@@ -342,8 +340,7 @@ def _vmf_group(sweep, out_dir, res, label, g, opts):
         g = g[g["wd"] > 0]
     if g.empty:
         raise Skip("no usable member")
-    t = vmf_member_table(sweep, g, u_window=getattr(opts, "toy_u_window", None),
-                         p_window=getattr(opts, "toy_pressure_window", None))
+    t = vmf_member_table(sweep, g, opts.toy_u_window, opts.toy_pressure_window)
     if not np.isfinite(t["U_sim"]).any():
         raise Skip("no train_loss logged")
     s = "vmf_" + slug(f"{protocol} {label}" if label != "all" else protocol)
@@ -449,7 +446,7 @@ def vmf_adiabatic_section(sweep, out_dir, opts):
 
 def _adiabatic_group(sweep, out_dir, opts, res, label, g):
     g = g[g["wd"] > 0]
-    t = vmf_member_table(sweep, g, u_window=getattr(opts, "toy_u_window", None))
+    t = vmf_member_table(sweep, g, opts.toy_u_window, opts.toy_pressure_window)
     t = t[np.isfinite(t["S_full"])]
     if t["wd"].nunique() < 2:
         raise Skip("fewer than 2 weight decays with S_full; skipped")
