@@ -157,19 +157,26 @@ def vmf_member_table(sweep, members, u_window=U_WINDOW_ITERS, p_window=PRESSURE_
     if len(protocols) != 1:
         raise ValueError(f"vmf_member_table needs one protocol, got {list(protocols)}")
     protocol = protocols[0]
+    # a param missing from every member takes the toy's default; D is logged once a run has
+    # started, the dim param stands in for it before that
+    def param(k, default):
+        return members[k].to_numpy(float) if k in members else np.full(len(members), default)
+
+    D = pd.to_numeric(members.get("D", pd.Series(np.nan, index=members.index)), errors="coerce")
+    t = pd.DataFrame({"run_id": members.index, "protocol": protocol, "lr": members["lr"].to_numpy(float),
+                      "wd": param("wd", 0.0), "r0": param("r0", 1.0),
+                      "D": D.fillna(members.get("dim", 3)).to_numpy(int), "noise": param("noise", 1.0)})
+    if t["D"].nunique() != 1:
+        raise ValueError(f"members of one table must share D (dim), got {sorted(t['D'].unique())}")
+    D = int(t["D"].iloc[0])
+    t["T"] = vmf_temperature(protocol, t["lr"].to_numpy(), t["wd"].to_numpy(), t["noise"].to_numpy(), D)
+    with np.errstate(divide="ignore"):
+        t["kappa"] = np.where(t["T"] > 0, 1.0 / t["T"], np.nan)
     rows = []
     by_member = split_by_member(sweep.series, members.index)
-    for rid, m in members.iterrows():
+    for rid in members.index:
         series = by_member.get(rid)
-        D = m.get("D")
-        D = int(D) if D is not None and np.isfinite(D) else int(m.get("dim", 3))
-        noise = float(m["noise"]) if "noise" in m and m["noise"] is not None else 1.0
-        wd = float(m["wd"]) if "wd" in m and m["wd"] is not None else 0.0
-        r0 = float(m["r0"]) if "r0" in m and m["r0"] is not None else 1.0
-        row = {"run_id": rid, "protocol": protocol, "lr": float(m["lr"]), "wd": wd, "r0": r0,
-               "D": D, "noise": noise}
-        T = float(vmf_temperature(protocol, row["lr"], wd, noise, D))
-        row["T"], row["kappa"] = T, (1.0 / T if T > 0 else float("nan"))
+        row = {}
         it, (U,) = finite_rows(series, "train_loss")
         rows_u = tail_rows(it, U, u_window)
         row["U_sim"] = float(rows_u.mean()) if rows_u.size else float("nan")
@@ -184,10 +191,7 @@ def vmf_member_table(sweep, members, u_window=U_WINDOW_ITERS, p_window=PRESSURE_
             it, (rp,) = finite_rows(series, "radius_preproj")
             row["r_tilde"], row["r_tilde_rows"] = tail_mean(it, rp, p_window)
         rows.append(row)
-    t = pd.DataFrame(rows)
-    if t["D"].nunique() != 1:
-        raise ValueError(f"members of one table must share D (dim), got {sorted(t['D'].unique())}")
-    D = int(t["D"].iloc[0])
+    t = pd.concat([t, pd.DataFrame(rows)], axis=1)
     ok = (t["T"] > 0).to_numpy()
     t["U_exact"] = np.nan
     t["S_exact"] = np.nan
