@@ -37,6 +37,7 @@ from analysis import ideal_gas as ig
 from analysis.sections import (Options, SectionResult, Skip, finite_rows, finite_stat, for_each_group,
                                heatmap, member_table, register_section, rel_err, slug,
                                split_by_member, write_table)
+from trainables.toys.sphere import CONVERGED_LOSS  # §8: OP losses below it count as converged (masked)
 from trainables.toys.vmf import vmf_entropy, vmf_loss, vmf_mean_cos, vmf_temperature
 
 # default windows in iterations, set once in Options (--toy-u-window / --toy-pressure-window)
@@ -51,7 +52,6 @@ THRESHOLDS = {                 # acceptance thresholds of the toy reproduction
     "maxwell_ratio": 0.03,                        # |ratio − ideal| (ideal −1 ELR, +1 LR)
 }
 MAXWELL_IDEAL = {"fixed_elr": -1.0, "fixed_lr": 1.0}
-OP_LOSS_FLOOR = 1e-16          # §8: OP losses below this count as converged (masked)
 OP_SMALL_LR = 0.1              # "small" LRs of the OP convergence check (lr ≤ this)
 UP_SPEARMAN_MIN = 0.9          # UP stationary snr counts as increasing with LR above this ...
 UP_INCREASING_LR_MAX = 1.0     # ... over lr ≤ this (beyond, huge steps randomise w and snr falls)
@@ -511,8 +511,8 @@ def sphere_toy_table(sweep, members, by_member=None):
         series = by_member.get(rid)
         it, (loss,) = finite_rows(series, "train_loss")
         _, (snr,) = finite_rows(series, "snr")
-        conv = m.get("status") == "converged" or (loss.size > 0 and loss[-1] < OP_LOSS_FLOOR)
-        hit = np.nonzero(loss < OP_LOSS_FLOOR)[0]
+        conv = m.get("status") == "converged" or (loss.size > 0 and loss[-1] < CONVERGED_LOSS)
+        hit = np.nonzero(loss < CONVERGED_LOSS)[0]
         rows.append({"run_id": rid, "setting": m.get("setting"), "lr": float(m["lr"]),
                      "status": m.get("status"), "n_logs": int(it.size),
                      "final_loss": float(loss[-1]) if loss.size else float("nan"),
@@ -545,7 +545,7 @@ def sphere_toy_section(sweep, out_dir, opts):
                 it, (v,) = finite_rows(by_member.get(m["run_id"]), key)
                 keep = (it > 0) & (v > 0) & np.isfinite(v)
                 if setting == "op" and key == "train_loss":
-                    keep &= v >= OP_LOSS_FLOOR            # converged: masked (§8)
+                    keep &= v >= CONVERGED_LOSS           # converged: masked (§8)
                 a.plot(it[keep], v[keep], color=c, lw=1)
         for a, (key, name) in zip(ax[r], SPHERE_METRICS):
             a.set_xscale("log")
@@ -603,7 +603,7 @@ def sphere_toy_section(sweep, out_dir, opts):
         res.summary_rows.append(row)
     res.notes.append(f"UP counts as increasing when the Spearman correlation of stationary snr with LR "
                      f"over lr ≤ {UP_INCREASING_LR_MAX} is ≥ {UP_SPEARMAN_MIN}; OP 'small' LRs are lr ≤ {OP_SMALL_LR}; OP losses below "
-                     f"{OP_LOSS_FLOOR:g} count as converged and are masked in the loss panels")
+                     f"{CONVERGED_LOSS:g} count as converged and are masked in the loss panels")
     return res
 
 
