@@ -142,6 +142,18 @@ class MaxwellFit:
     rel_err_max: float
     rel_err_mean: float
 
+    def value(self, x, y):
+        """The fitted quadratic S(x, y)."""
+        c = self.coef
+        return c[0] + c[1] * x + c[2] * y + c[3] * x * x + c[4] * y**2 + c[5] * x * y
+
+    def slopes(self, x, y):
+        """(∂S/∂x, ∂S/∂y) of the fitted quadratic at (x, y)."""
+        return _quadratic_slopes(self.coef, x, y)
+
+
+def _quadratic_slopes(c, x, y):
+    return c[1] + 2 * c[3] * x + c[5] * y, c[2] + 2 * c[4] * y + c[5] * x
 
 
 def protocol_potential_ranks(protocol, U, S, radius, T, wd, r0):
@@ -183,8 +195,7 @@ def maxwell_fit(x, y, S_full, D, protocol):
     resid = s - A @ c
     ss_tot = np.sum((s - s.mean()) ** 2)
     r2 = float(1.0 - np.sum(resid**2) / ss_tot) if ss_tot > 0 else float("nan")
-    dSdx = c[1] + 2 * c[3] * x + c[5] * y
-    dSdy = c[2] + 2 * c[4] * y + c[5] * x
+    dSdx, dSdy = _quadratic_slopes(c, x, y)
     if protocol == "fixed_elr":
         ratios = (c[2] / R, 2 * c[4] / R, c[5] / R)
         rel = np.abs(dSdy + R) / R

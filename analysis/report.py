@@ -540,14 +540,11 @@ def _ideal_gas_group(sweep, out_dir, opts, res, label, g, S_key):
             fig, ax = fg.figure(2, width=6.2)
             tt = t[ok]
             colors, sm = fg.value_colors(tt["lr"].unique())
-            c0, c1, c2, c3, c4, c5 = mf.coef
             for c, (lr, sub) in zip(colors, tt.sort_values("wd").groupby("lr", sort=True)):
                 y = np.log(sub["wd"].to_numpy())
                 ax[0, 0].plot(y, sub["S_full"], "o", color=c, ms=4)
                 yy = np.linspace(y.min(), y.max(), 30)
-                x = math.log(lr)
-                ax[0, 0].plot(yy, c0 + c1 * x + c2 * yy + c3 * x * x + c4 * yy**2 + c5 * x * yy, "-",
-                              color=c, lw=1)
+                ax[0, 0].plot(yy, mf.value(math.log(lr), yy), "-", color=c, lw=1)
             ax[0, 0].set_xlabel(r"$\ln\lambda$")
             ax[0, 0].set_ylabel(r"$S_\mathrm{full}$ (points) and quadratic fit (lines)")
             ax[0, 0].set_title(f"Maxwell fit, R² = {mf.r2:.4f}")

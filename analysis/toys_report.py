@@ -370,10 +370,8 @@ def _vmf_group(sweep, out_dir, res, label, g, opts):
             t.loc[sel, "maxwell_rel_err"] = mf.rel_err
             ideal = MAXWELL_IDEAL[protocol]
             # the same check at the grid centre instead of at ln η = ln λ = 0 (far outside the grid)
-            c = mf.coef
-            xc, yc = np.log(t.loc[sel, "lr"]).mean(), np.log(t.loc[sel, "wd"]).mean()
-            dx, dy = c[1] + 2 * c[3] * xc + c[5] * yc, c[2] + 2 * c[4] * yc + c[5] * xc
-            R = (int(t["D"].iloc[0]) - 1) / 2
+            dx, dy = mf.slopes(np.log(t.loc[sel, "lr"]).mean(), np.log(t.loc[sel, "wd"]).mean())
+            R = ig.gas_constant(int(t["D"].iloc[0]))
             row.update(maxwell_ratio_centre=float((dy if protocol == "fixed_elr" else dx - dy) / R))
             row.update(maxwell_ratio=mf.ratios[0], maxwell_ratio_2=mf.ratios[1],
                        maxwell_ratio_3=mf.ratios[2], maxwell_r2=mf.r2,
