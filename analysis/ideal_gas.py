@@ -168,6 +168,18 @@ def protocol_potential_ranks(protocol, U, S, radius, T, wd, r0):
     return rank, gap, "Gibbs G = U − T S + pV (p = λ, V = r²/2)"
 
 
+def protocol_potential_ranks_where(ok, protocol, U, S, radius, T, wd, r0):
+    """``protocol_potential_ranks`` among the configurations where ``ok`` only: rank and gap are
+    NaN for the others, and the description is None (nothing ranked) when fewer than 2 qualify."""
+    ok = np.asarray(ok, dtype=bool)
+    rank, gap = np.full(ok.size, np.nan), np.full(ok.size, np.nan)
+    if ok.sum() < 2:
+        return rank, gap, None
+    rank[ok], gap[ok], kind = protocol_potential_ranks(
+        protocol, *(np.asarray(a, dtype=float)[ok] for a in (U, S, radius, T, wd, r0)))
+    return rank, gap, kind
+
+
 def maxwell_fit(x, y, S_full, D, protocol):
     """Fit S = c0 + c1 x + c2 y + c3 x² + c4 y² + c5 xy and check a Maxwell relation (THEORY.md §7).
 

@@ -559,13 +559,13 @@ def _ideal_gas_group(sweep, out_dir, opts, res, label, g, S_key):
         res.notes.append(f"group {label}: potential (V2) map skipped: toy models only (model = {model})")
     else:
         ok = (np.isfinite(t["U"]) & np.isfinite(t["S_full"]) & np.isfinite(t["T"])).to_numpy()
-        tt = t[ok]
-        if len(tt) < 2:
+        rank, gap, kind = ig.protocol_potential_ranks_where(ok, protocol, t["U"], t["S_full"], t["radius"],
+                                                            t["T"], t["wd"], t["r0"])
+        if kind is None:
             res.notes.append(f"group {label}: potential map skipped: needs train_loss and {S_key}")
         else:
-            rank, gap, kind = ig.protocol_potential_ranks(protocol, tt["U"], tt["S_full"], tt["radius"],
-                                                          tt["T"], tt["wd"], tt["r0"])
-            t.loc[ok, "potential_rank"], t.loc[ok, "potential_gap"] = rank, gap
+            t["potential_rank"], t["potential_gap"] = rank, gap
+            tt, rank, gap = t[ok], rank[ok], gap[ok]
             row.update(potential=kind.split()[0], frac_own_minimum=float(np.mean(rank == 0)),
                        max_rank=int(rank.max()), mean_gap=float(np.mean(gap)))
             fig, ax = fg.figure(2, width=6.2)

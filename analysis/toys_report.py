@@ -264,17 +264,9 @@ def _potential(t, protocol):
     """Rank/gap of each configuration under its own potential (V2): Gibbs (ELR/LR) or Helmholtz per r0."""
     ok = np.isfinite(t["U_sim"]) & np.isfinite(t["S_full"]) & np.isfinite(t["T"])
     if protocol != "fixed_sphere":
-        ok &= np.isfinite(t["radius"])
-    ok = ok.to_numpy().copy()
-    rank = np.full(len(t), np.nan)
-    gap = np.full(len(t), np.nan)
-    if ok.sum() < 2:
-        return rank, gap, None
-    tt = t[ok]
-    r, g, kind = ig.protocol_potential_ranks(protocol, tt["U_sim"], tt["S_full"], tt["radius"], tt["T"],
-                                             tt["wd"], tt["r0"])
-    rank[ok], gap[ok] = r, g
-    return rank, gap, kind
+        ok &= np.isfinite(t["radius"])                       # Gibbs needs V = r²/2
+    return ig.protocol_potential_ranks_where(ok, protocol, t["U_sim"], t["S_full"], t["radius"], t["T"],
+                                             t["wd"], t["r0"])
 
 
 def vmf_summary(t, protocol):
