@@ -15,8 +15,9 @@ otherwise from ``MlflowClient.get_metric_history`` per (run, key) on a small thr
 are not used. A value logged twice at one step (a resumed trial) keeps the later one.
 
 Stationary value (THEORY.md §3): mean over the last W logs of each metric, counted per metric
-(entropy is only logged once its window is complete). W defaults to 30 for the ``ideal_gas``
-log schedule and 50 otherwise (``free_energy``, ``log:N``, ...).
+(entropy is only logged once its window is complete). W defaults per log schedule
+(``default_window``): 30 for ``ideal_gas``, 50 for ``free_energy`` and the others, and for
+``log:N`` the same share of its N log-spaced points as 50 is of free_energy's 193 (at least 3).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ INT_KEYS = {"width", "batch_size", "iterations", "seed", "init_seed", "head_seed
             "running_every", "num_stoch_grads", "samples_per_label", "D", "dim", "mu_seed"}
 BAD_STATUS = {"diverged", "failed"}
 WINDOW_IDEAL_GAS, WINDOW_DEFAULT = 30, 50
+FREE_ENERGY_LOG_POINTS = 193   # log-spaced points of the free_energy schedule (trainables.schedule)
 _CHUNK = 500      # run ids per bulk query (keeps SQLite's bound-parameter count small)
 
 
@@ -97,7 +99,7 @@ def default_window(log_schedule):
         return WINDOW_IDEAL_GAS
     if text.startswith("log:"):
         try:
-            return max(3, round(int(text.split(":", 1)[1]) * WINDOW_DEFAULT / 193))
+            return max(3, round(int(text.split(":", 1)[1]) * WINDOW_DEFAULT / FREE_ENERGY_LOG_POINTS))
         except ValueError:
             pass
     return WINDOW_DEFAULT

@@ -32,7 +32,7 @@ from analysis import figures as fg
 from analysis import ideal_gas as ig
 from analysis.figures import plt
 from analysis.free_energy import fit_temperature, free_energy_curves, temperature_along_training
-from analysis.load import SweepNotFound, Sweep, load_experiment
+from analysis.load import WINDOW_DEFAULT, WINDOW_IDEAL_GAS, SweepNotFound, Sweep, load_experiment
 from analysis.sections import (SECTIONS, Options, SectionResult, Skip, finite_rows, for_each_group,
                                finite_stat, group_members, heatmap, member_table, register_section,
                                rel_err, slug, split_by_member, write_table)
@@ -675,7 +675,9 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=None, help="output folder (default reports/NAME)")
     ap.add_argument("--parent-run", default=None, help="parent run id (default: newest sweep run)")
     ap.add_argument("--window", type=int, default=None,
-                    help="stationary window W in logs (default 50; 30 for the ideal_gas schedule)")
+                    help=f"stationary window W in logs (default per log schedule: {WINDOW_IDEAL_GAS} for "
+                         f"ideal_gas, {WINDOW_DEFAULT} for free_energy and others, a log:N schedule the "
+                         "same share of its N points)")
     ap.add_argument("--eps", type=float, default=Options.eps, help=f"§5 tolerance ε (default {Options.eps})")
     ap.add_argument("--lr-range", type=float, nargs=2, metavar=("LO", "HI"), default=None,
                     help="§5 stationary segment by LR (both ends included); default automatic")
