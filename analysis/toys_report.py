@@ -440,6 +440,9 @@ def vmf_adiabatic_section(sweep, out_dir, opts):
 
 def _adiabatic_group(sweep, out_dir, opts, res, label, g):
     g = g[g["wd"] > 0]
+    if g["wd"].nunique() < 2:
+        raise Skip("fewer than 2 positive weight decays (with λ = 0 the radius grows without bound and "
+                   "there is no stationary S_full); skipped")
     t = vmf_member_table(sweep, g, opts.toy_u_window, opts.toy_pressure_window)
     t = t[np.isfinite(t["S_full"])]
     if t["wd"].nunique() < 2:

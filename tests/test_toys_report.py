@@ -256,6 +256,24 @@ def test_vmf_fixed_lr_adiabatic_spread(store, tmp_path):
     assert ex["radius_rel_err_median"] == pytest.approx(0.02, rel=1e-9)
 
 
+def test_vmf_adiabatic_skips_a_group_without_weight_decay_and_keeps_the_others(store, tmp_path):
+    """λ = 0 (the vmf default) in one group must not take the other groups' adiabatic check with it."""
+    client = MlflowClient(tracking_uri=store["uri"])
+    exp = client.create_experiment("toy_fixed_lr_wd0", artifact_location=(tmp_path / "a").as_uri())
+    pid = _parent(client, exp)
+    for i, lr in enumerate(LRS):
+        for j, wd in enumerate(WDS):
+            m, _ = _vmf_metrics("fixed_lr", i, j, lr, wd)
+            _log_member(client, exp, pid, _vmf_params("fixed_lr", lr, wd, 1.0), m)
+        m, _ = _vmf_metrics("fixed_lr", i, 0, lr, WDS[0])             # any finite series will do
+        _log_member(client, exp, pid, dict(_vmf_params("fixed_lr", lr, 0.0, 1.0), noise=0.5), m)
+    sw = load_experiment("toy_fixed_lr_wd0", tracking_uri=store["uri"])
+    res = vmf_adiabatic_section(sw, str(tmp_path), Options())
+    assert [r["group"] for r in res.summary_rows] == ["noise=1.0"]
+    assert res.summary_rows[0]["spread_max"] == pytest.approx(0.05, abs=1e-9)
+    assert any("noise=0.5" in n and "weight decay" in n for n in res.notes), res.notes
+
+
 def test_sphere_toy_flags(store, tmp_path):
     sw = load_experiment("toy_sphere", tracking_uri=store["uri"], stationary_window=20)
     res = sphere_toy_section(sw, str(tmp_path), Options())
