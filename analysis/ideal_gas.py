@@ -169,9 +169,12 @@ def protocol_potential_ranks(protocol, U, S, radius, T, wd, r0):
 
 
 def protocol_potential_ranks_where(ok, protocol, U, S, radius, T, wd, r0):
-    """``protocol_potential_ranks`` among the configurations where ``ok`` only: rank and gap are
-    NaN for the others, and the description is None (nothing ranked) when fewer than 2 qualify."""
+    """``protocol_potential_ranks`` among the configurations where ``ok`` only (and, for Gibbs, whose
+    radius is known: V = r²/2 enters every candidate's G): rank and gap are NaN for the others, and
+    the description is None (nothing ranked) when fewer than 2 qualify."""
     ok = np.asarray(ok, dtype=bool)
+    if protocol != "fixed_sphere":
+        ok = ok & np.isfinite(np.asarray(radius, dtype=float))
     rank, gap = np.full(ok.size, np.nan), np.full(ok.size, np.nan)
     if ok.sum() < 2:
         return rank, gap, None

@@ -263,8 +263,6 @@ def _maxwell(t, protocol, res, label):
 def _potential(t, protocol):
     """Rank/gap of each configuration under its own potential (V2): Gibbs (ELR/LR) or Helmholtz per r0."""
     ok = np.isfinite(t["U_sim"]) & np.isfinite(t["S_full"]) & np.isfinite(t["T"])
-    if protocol != "fixed_sphere":
-        ok &= np.isfinite(t["radius"])                       # Gibbs needs V = r²/2
     return ig.protocol_potential_ranks_where(ok, protocol, t["U_sim"], t["S_full"], t["radius"], t["T"],
                                              t["wd"], t["r0"])
 

@@ -5,8 +5,8 @@ import pytest
 
 from analysis.ideal_gas import (
     adiabatic_spread, effective_pressure, effective_pressure_discrete,
-    effective_pressure_prediction, gas_constant, maxwell_fit, potential_ranks, radius_discrete,
-    radius_sde, temperature,
+    effective_pressure_prediction, gas_constant, maxwell_fit, potential_ranks, protocol_potential_ranks_where,
+    radius_discrete, radius_sde, temperature,
 )
 
 D = 101
@@ -82,6 +82,19 @@ def test_potential_ranks_helmholtz_gibbs_groups():
     z = np.zeros(3)
     rank, gap = potential_ranks(z, z, np.array([1.0, 2, 3]), z, np.array([1.0, -1, 1]))
     assert rank.tolist() == [0, 1, 2] and gap == pytest.approx([0.0, 1.0, 2.0])
+
+
+def test_gibbs_ranks_leave_out_configurations_without_a_radius():
+    """A missing radius would make every candidate's G NaN: that configuration is not ranked and the
+    others are ranked among themselves (Gibbs); Helmholtz on the sphere does not need the radius."""
+    U, S, T = np.zeros(4), np.zeros(4), np.zeros(4)
+    p, r = np.array([1.0, -1.0, 1.0, 1.0]), np.sqrt(2 * np.array([1.0, 2.0, 3.0, np.nan]))  # V = [1, 2, 3, ?]
+    rank, gap, kind = protocol_potential_ranks_where(np.ones(4, bool), "fixed_lr", U, S, r, T, p, np.ones(4))
+    assert kind.startswith("Gibbs")
+    assert rank[:3].tolist() == [0, 1, 2] and gap[:3] == pytest.approx([0.0, 1.0, 2.0])
+    assert np.isnan(rank[3]) and np.isnan(gap[3])
+    rank, _, kind = protocol_potential_ranks_where(np.ones(4, bool), "fixed_sphere", U, S, r, T, p, np.ones(4))
+    assert kind.startswith("Helmholtz") and np.isfinite(rank).all()
 
 
 def _grid():
