@@ -623,7 +623,7 @@ def _summary_md(sweep, opts, results) -> str:
              f"- parent run: {p['run_id'] if p else '(none)'}"
              + (f" (sweep status {p['tags'].get('thermosweep.sweep_status', '?')})" if p else ""),
              f"- members: {len(sweep.members)}, in the stationary analysis: {len(sweep.stationary)}",
-             f"- stationary window W (logs): "
+             "- stationary window W (logs): "
              + ", ".join(str(w) for w in sorted(set(sweep.stationary.get("window", pd.Series()).tolist()))),
              f"- options: ε = {opts.eps}, lr range = {opts.lr_range or 'automatic'}, k ≤ {opts.k_max}"]
     lines += [f"- note: {n}" for n in sweep.notes]

@@ -326,6 +326,15 @@ def test_unknown_experiment_exits_2(store, capsys):
     assert "nope" in err and "fe_sweep" in err and "ig_sweep" in err
 
 
+@pytest.mark.parametrize("flag", ["--toy-u-window", "--toy-pressure-window", "--window"])
+def test_window_below_one_exits_2_before_reading_the_store(tmp_path, capsys, flag):
+    out = tmp_path / "rep"
+    # the store URI points nowhere: the options are checked first
+    assert main(["--experiment", "x", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}", "--out", str(out),
+                 flag, "0"]) == 2
+    assert flag in capsys.readouterr().err and not out.exists() and not (tmp_path / "none.db").exists()
+
+
 def test_fixed_sphere_pressure_in_memory(tmp_path):
     """§7 effective pressure on a hand-built Sweep (no MLflow): r̃ = r0 + λ_pred η r0³ over the
     last ``pressure_last`` running logs (an earlier transient must be ignored)."""
