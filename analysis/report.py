@@ -562,10 +562,12 @@ def _ideal_gas_group(sweep, out_dir, opts, res, label, g, S_key):
         rank, gap, kind = ig.protocol_potential_ranks_where(ok, protocol, t["U"], t["S_full"], t["radius"],
                                                             t["T"], t["wd"], t["r0"])
         if kind is None:
-            res.notes.append(f"group {label}: potential map skipped: needs train_loss and {S_key}")
+            res.notes.append(f"group {label}: potential map skipped: needs 2 members with train_loss, {S_key} "
+                             "and T (and a radius for Gibbs)")
         else:
             t["potential_rank"], t["potential_gap"] = rank, gap
-            tt, rank, gap = t[ok], rank[ok], gap[ok]
+            ranked = np.isfinite(rank)
+            tt, rank, gap = t[ranked], rank[ranked], gap[ranked]
             row.update(potential=kind.split()[0], frac_own_minimum=float(np.mean(rank == 0)),
                        max_rank=int(rank.max()), mean_gap=float(np.mean(gap)))
             fig, ax = fg.figure(2, width=6.2)
@@ -694,11 +696,16 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.eps < 0 or (args.window is not None and args.window < 1) or (
-            args.lr_range and not 0 < args.lr_range[0] <= args.lr_range[1]) or min(
-            args.toy_u_window, args.toy_pressure_window) < 1:
-        print("error: need --eps ≥ 0, --window ≥ 1, --toy-u-window and --toy-pressure-window ≥ 1 and "
-              "--lr-range LO HI with 0 < LO ≤ HI", file=sys.stderr)
+    bad = [msg for wrong, msg in (
+        (args.eps < 0, f"--eps {args.eps}: must be ≥ 0"),
+        (args.window is not None and args.window < 1, f"--window {args.window}: must be ≥ 1"),
+        (bool(args.lr_range) and not 0 < args.lr_range[0] <= args.lr_range[1],
+         f"--lr-range {args.lr_range}: give LO HI with 0 < LO ≤ HI"),
+        (args.toy_u_window < 1, f"--toy-u-window {args.toy_u_window}: must be ≥ 1 (iterations)"),
+        (args.toy_pressure_window < 1, f"--toy-pressure-window {args.toy_pressure_window}: must be ≥ 1 (iterations)"),
+    ) if wrong]
+    if bad:
+        print("error: " + "; ".join(bad) + ". Nothing was read; fix the option and run again.", file=sys.stderr)
         return 2
     opts = Options(eps=args.eps, lr_range=tuple(args.lr_range) if args.lr_range else None,
                    k_max=args.k, uniform_n=args.uniform_n, toy_u_window=args.toy_u_window,

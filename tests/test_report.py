@@ -332,7 +332,38 @@ def test_window_below_one_exits_2_before_reading_the_store(tmp_path, capsys, fla
     # the store URI points nowhere: the options are checked first
     assert main(["--experiment", "x", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}", "--out", str(out),
                  flag, "0"]) == 2
-    assert flag in capsys.readouterr().err and not out.exists() and not (tmp_path / "none.db").exists()
+    err = capsys.readouterr().err
+    assert f"{flag} 0: must be ≥ 1" in err and err.count("must be") == 1, err
+    assert not out.exists() and not (tmp_path / "none.db").exists()
+
+
+def test_ideal_gas_gibbs_map_with_a_member_missing_its_radius(tmp_path):
+    """A fixed-ELR vMF member without a radius is left out of the Gibbs ranking (NaN rank in the table);
+    the section still reports the others (it used to crash on int(NaN) or give NaN gaps)."""
+    D = 3
+    grid = [(lr, wd) for lr in (1e-3, 1e-2, 1e-1) for wd in (1e-3, 1e-2, 1e-1)]
+    ids = [f"r{i}" for i in range(len(grid))]
+    members = pd.DataFrame({"lr": [g[0] for g in grid], "wd": [g[1] for g in grid], "radius": 1.0,
+                            "protocol": "fixed_elr", "model": "vmf", "D": D, "status": "done",
+                            "regime": "stationary", "running": False, "excluded": ""},
+                           index=pd.Index(ids, name="run_id"))
+    T = np.array([lr / 2 for lr, _ in grid])
+    r = np.sqrt(T * (D - 1) / np.array([wd for _, wd in grid]))
+    r[4] = np.nan
+    S_full = np.log(T) + (D - 1) * np.log(np.nan_to_num(r, nan=1.0))
+    stationary = pd.DataFrame({"train_loss": T, "entropy_kl_full": S_full, "radius": r,
+                               "trace_sigma": float(D - 1)}, index=members.index)
+    series = stationary.reset_index().assign(iteration=1000)
+    sw = Sweep("mem", "0", None, None, members, series, pd.DataFrame(), stationary)
+    res = ideal_gas_section(sw, str(tmp_path), Options())
+    (row,) = res.summary_rows
+    t = pd.read_csv(tmp_path / res.tables[0]).set_index("run_id").loc[ids]
+    assert row["potential"] == "Gibbs"
+    assert np.isnan(t.loc["r4", "potential_rank"]) and np.isfinite(t.drop("r4")["potential_rank"]).all()
+    ranks = t.drop("r4")["potential_rank"].to_numpy()
+    assert row["max_rank"] == ranks.max() and row["frac_own_minimum"] == pytest.approx(np.mean(ranks == 0))
+    assert np.isfinite(row["mean_gap"])
+    assert (tmp_path / "ig_all_potential.png").stat().st_size > 0
 
 
 def test_fixed_sphere_pressure_in_memory(tmp_path):
