@@ -58,8 +58,12 @@ SECTIONS: list = []
 
 
 def register_section(fn):
-    """Add ``fn(sweep, out_dir, opts) -> SectionResult`` to the report (usable as a decorator)."""
-    if fn not in SECTIONS:
+    """Add ``fn(sweep, out_dir, opts) -> SectionResult`` to the report (usable as a decorator).
+
+    Sections are known by function name: under ``python -m analysis.report`` the report module runs
+    as ``__main__``, and a plugin that imports ``analysis.report`` loads a second copy whose sections
+    are new function objects; they must not run twice."""
+    if all(f.__name__ != fn.__name__ for f in SECTIONS):
         SECTIONS.append(fn)
     return fn
 

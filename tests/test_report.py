@@ -320,6 +320,21 @@ def test_crashing_section_is_caught(store, tmp_path):
     assert pd.read_csv(tmp_path / "summary.csv")["n"].tolist() == [5]
 
 
+def test_a_second_copy_of_the_report_module_registers_nothing_twice(monkeypatch):
+    """As under ``python -m analysis.report`` with a plugin importing ``analysis.report``."""
+    import importlib.util
+
+    from analysis import sections
+
+    monkeypatch.setattr(sections, "SECTIONS", list(sections.SECTIONS))
+    before = [f.__name__ for f in sections.SECTIONS]
+    spec = importlib.util.find_spec("analysis.report")
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)                     # a distinct module object, new section functions
+    assert copy.ideal_gas_section is not sections.SECTIONS[before.index("ideal_gas_section")]
+    assert [f.__name__ for f in sections.SECTIONS] == before
+
+
 def test_unknown_experiment_exits_2(store, capsys):
     assert main(["--experiment", "nope", "--tracking-uri", store["uri"]]) == 2
     err = capsys.readouterr().err
