@@ -1,5 +1,6 @@
 """Tests for the single-trial CLI ``python -m trainables.run`` (trainables/run.py)."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -123,8 +124,13 @@ def test_reusing_an_output_directory_needs_resume(tmp_path, capsys):
 
 def test_divergence_exits_1_with_rows_so_far(tmp_path, capsys):
     out = tmp_path / "d"
-    code, err = cli([*SMALL, "--protocol", "fixed_elr", "--lr", "1e6", "--iters", "200",
-                     "--log-schedule", "every:10", "--out", str(out)], capsys)
-    assert code == 1 and "diverged" in err
-    assert json.loads((out / "status.json").read_text())["status"] == "diverged"
+    # lr 1e3 with fixed ELR diverges after a few steps (at iteration 6 here), after some logged rows
+    code, err = cli([*SMALL, "--protocol", "fixed_elr", "--lr", "1e3", "--iters", "200",
+                     "--log-schedule", "every:2", "--out", str(out)], capsys)
+    assert code == 1 and "diverged" in err and "smaller --lr" in err
+    status = json.loads((out / "status.json").read_text())
+    assert status["status"] == "diverged" and 2 < status["iteration"] < 200
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["iteration"] for r in rows] == list(range(2, status["iteration"], 2))      # nothing lost
+    assert all(math.isfinite(r["train_loss"]) for r in rows)
     torch.load(out / "checkpoint.pt", weights_only=True)

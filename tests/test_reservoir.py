@@ -71,8 +71,8 @@ def _wait_alive(res, old_pid=None, deadline_s=60.0):
             pid = ray.get(res.pid.remote(), timeout=10)
             if pid != old_pid:
                 return res
-        except Exception:
-            pass
+        except Exception:            # not restarted yet: ask again shortly
+            time.sleep(0.1)          # polling interval, not synchronisation
         if time.monotonic() > end:
             raise AssertionError("reservoir actor did not come (back) up within the deadline")
 
