@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from trainables.schedule import FREE_ENERGY_POINTS, point_count
+
 ROLE_TAG = "thermosweep.role"
 STATUS_TAG = "thermosweep.status"
 REGIME_TAG = "thermosweep.regime"
@@ -40,7 +42,6 @@ INT_KEYS = {"width", "batch_size", "iterations", "seed", "init_seed", "head_seed
             "running_every", "num_stoch_grads", "samples_per_label", "D", "dim", "mu_seed"}
 BAD_STATUS = {"diverged", "failed"}
 WINDOW_IDEAL_GAS, WINDOW_DEFAULT = 30, 50
-FREE_ENERGY_LOG_POINTS = 193   # log-spaced points of the free_energy schedule (trainables.schedule)
 _CHUNK = 500      # run ids per bulk query (keeps SQLite's bound-parameter count small)
 
 
@@ -99,8 +100,8 @@ def default_window(log_schedule):
         return WINDOW_IDEAL_GAS
     if text.startswith("log:"):
         try:
-            return max(3, round(int(text.split(":", 1)[1]) * WINDOW_DEFAULT / FREE_ENERGY_LOG_POINTS))
-        except ValueError:
+            return max(3, round(point_count(text) * WINDOW_DEFAULT / FREE_ENERGY_POINTS))
+        except ValueError:       # not a valid log:N (the grid check refuses those before a run)
             pass
     return WINDOW_DEFAULT
 

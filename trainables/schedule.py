@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 SCHEDULES = ("free_energy", "ideal_gas", "sphere_toy", "every:N", "log:N")
+FREE_ENERGY_POINTS = 193     # log-spaced points of the free_energy schedule after 0…9
 
 
 def _log_spaced(start: float, stop: float, num: int) -> list[int]:
@@ -20,7 +21,8 @@ def _log_spaced(start: float, stop: float, num: int) -> list[int]:
     return [int(np.floor(v * (1 + 1e-12))) for v in np.logspace(np.log10(start), np.log10(stop), num)]
 
 
-def _count(schedule: str) -> int:
+def point_count(schedule: str) -> int:
+    """N of an ``every:N`` or ``log:N`` schedule (ValueError unless an integer ≥ 1)."""
     try:
         n = int(schedule.split(":", 1)[1])
     except ValueError:
@@ -48,7 +50,7 @@ def log_iterations(schedule: str, iterations: int) -> list[int]:
     if schedule == "free_energy":
         its = list(range(0, min(10, iterations + 1)))
         if iterations >= 10:
-            its += _log_spaced(10, iterations, 193)
+            its += _log_spaced(10, iterations, FREE_ENERGY_POINTS)
     elif schedule == "ideal_gas":
         its = list(range(200, min(10_000, iterations) + 1, 200))
         if iterations > 10_000:
@@ -58,12 +60,12 @@ def log_iterations(schedule: str, iterations: int) -> list[int]:
         if iterations >= 100:
             its += _log_spaced(100, iterations, 401)
     elif schedule.startswith("log:"):
-        n = _count(schedule)
+        n = point_count(schedule)
         its = list(range(0, min(10, iterations + 1)))
         if iterations >= 10:
             its += _log_spaced(10, iterations, n)
     elif schedule.startswith("every:"):
-        n = _count(schedule)
+        n = point_count(schedule)
         its = list(range(n, iterations + 1, n))
     else:
         raise ValueError(f"unknown log_schedule '{schedule}'; choose one of {', '.join(SCHEDULES)}")
