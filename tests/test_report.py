@@ -352,24 +352,30 @@ def test_window_below_one_exits_2_before_reading_the_store(tmp_path, capsys, fla
     assert not out.exists() and not (tmp_path / "none.db").exists()
 
 
+def _vmf_sweep_in_memory(protocol, lr, wd, radius, D, stationary, running=None):
+    """A finished vMF Sweep built by hand (no MLflow): one member per (lr, wd, radius) entry, every
+    member done and stationary, its series one row at iteration 1000 holding ``stationary``."""
+    ids = [f"r{i}" for i in range(len(lr))]
+    members = pd.DataFrame({"lr": lr, "wd": wd, "radius": radius, "protocol": protocol, "model": "vmf", "D": D,
+                            "status": "done", "regime": "stationary", "running": False, "excluded": ""},
+                           index=pd.Index(ids, name="run_id"))
+    stationary = pd.DataFrame(stationary, index=members.index)
+    series = stationary.reset_index().assign(iteration=1000)
+    running = pd.DataFrame() if running is None else running
+    return Sweep("mem", "0", None, None, members, series, running, stationary), ids
+
+
 def test_ideal_gas_gibbs_map_with_a_member_missing_its_radius(tmp_path):
     """A fixed-ELR vMF member without a radius is left out of the Gibbs ranking (NaN rank in the table);
     the section still reports the others (it used to crash on int(NaN) or give NaN gaps)."""
     D = 3
-    grid = [(lr, wd) for lr in (1e-3, 1e-2, 1e-1) for wd in (1e-3, 1e-2, 1e-1)]
-    ids = [f"r{i}" for i in range(len(grid))]
-    members = pd.DataFrame({"lr": [g[0] for g in grid], "wd": [g[1] for g in grid], "radius": 1.0,
-                            "protocol": "fixed_elr", "model": "vmf", "D": D, "status": "done",
-                            "regime": "stationary", "running": False, "excluded": ""},
-                           index=pd.Index(ids, name="run_id"))
-    T = np.array([lr / 2 for lr, _ in grid])
-    r = np.sqrt(T * (D - 1) / np.array([wd for _, wd in grid]))
+    lr, wd = (a.ravel() for a in np.meshgrid([1e-3, 1e-2, 1e-1], [1e-3, 1e-2, 1e-1], indexing="ij"))
+    T = lr / 2
+    r = np.sqrt(T * (D - 1) / wd)
     r[4] = np.nan
     S_full = np.log(T) + (D - 1) * np.log(np.nan_to_num(r, nan=1.0))
-    stationary = pd.DataFrame({"train_loss": T, "entropy_kl_full": S_full, "radius": r,
-                               "trace_sigma": float(D - 1)}, index=members.index)
-    series = stationary.reset_index().assign(iteration=1000)
-    sw = Sweep("mem", "0", None, None, members, series, pd.DataFrame(), stationary)
+    sw, ids = _vmf_sweep_in_memory("fixed_elr", lr, wd, 1.0, D, {"train_loss": T, "entropy_kl_full": S_full,
+                                                                  "radius": r, "trace_sigma": float(D - 1)})
     res = ideal_gas_section(sw, str(tmp_path), Options())
     (row,) = res.summary_rows
     t = pd.read_csv(tmp_path / res.tables[0]).set_index("run_id").loc[ids]
@@ -387,21 +393,15 @@ def test_fixed_sphere_pressure_in_memory(tmp_path):
     D, sig2, G2 = 11, 0.4, 0.1
     grid = [(lr, r0) for lr in (1e-3, 1e-2, 1e-1) for r0 in (0.5, 1.0, 2.0)]
     ids = [f"r{i}" for i in range(len(grid))]
-    members = pd.DataFrame({"lr": [g[0] for g in grid], "wd": 0.0, "radius": [g[1] for g in grid],
-                            "protocol": "fixed_sphere", "model": "vmf", "D": D, "status": "done",
-                            "regime": "stationary", "running": False, "excluded": ""},
-                           index=pd.Index(ids, name="run_id"))
     lam = {rid: (lr * sig2 / 2) * (D - 1) / r0**2 for rid, (lr, r0) in zip(ids, grid)}
-    stationary = pd.DataFrame({"trace_sigma": sig2 * (D - 1), "grad_sq": G2,
-                               "entropy_kl_full": [np.log(lr) * (D - 1) / 2 for lr, _ in grid],
-                               "radius": [r0 for _, r0 in grid], "train_loss": 0.3},
-                              index=members.index)
-    series = stationary.reset_index().assign(iteration=1000)
     running = pd.concat([pd.DataFrame({
         "run_id": rid, "iteration": np.arange(40) * 50,
         "radius_preproj": np.r_[np.full(20, r0 + 1.0), np.full(20, r0 + lam[rid] * lr * r0**3)]})
         for rid, (lr, r0) in zip(ids, grid)], ignore_index=True)
-    sw = Sweep("mem", "0", None, None, members, series, running, stationary)
+    sw, _ = _vmf_sweep_in_memory(
+        "fixed_sphere", [g[0] for g in grid], 0.0, [g[1] for g in grid], D,
+        {"trace_sigma": sig2 * (D - 1), "grad_sq": G2, "entropy_kl_full": [np.log(lr) * (D - 1) / 2 for lr, _ in grid],
+         "radius": [r0 for _, r0 in grid], "train_loss": 0.3}, running)
     res = ideal_gas_section(sw, str(tmp_path), Options(pressure_last=20))
     t = pd.read_csv(tmp_path / res.tables[0]).set_index("run_id").loc[ids]
     lr = np.array([g[0] for g in grid])
