@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from conftest import BASE_NAMES
 from trainables.data import load_dataset
-from trainables.models import build_model
+from trainables.models import build_model, si_parameters
 from trainables.sinks import LocalSink
 from trainables.trial import NetworkRunner
 
@@ -70,15 +71,11 @@ def test_trajectory_matches_hand_written_sgd(protocol, lr, wd, r0):
 
     data = load_dataset("digits")
     model = build_model("convnet", 2, 10, in_channels=1, radius=r0)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = si_parameters(model)
     gen = torch.Generator().manual_seed(3)
     n = data.x_train.shape[0]
     for t in range(iters):
-        with torch.no_grad():
-            offset = 0
-            for p in params:
-                p.copy_(thetas[t][offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
+        vector_to_parameters(thetas[t].clone(), params)          # params become views of the copy
         idx = torch.randint(n, (B,), generator=gen)
         loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
         grads = torch.autograd.grad(loss, params)
@@ -95,7 +92,7 @@ def test_trajectory_matches_hand_written_sgd(protocol, lr, wd, r0):
                 scale = r0 / math.sqrt(sum((p.double() ** 2).sum() for p in params).item())
                 for p in params:
                     p.mul_(scale)
-        expected = torch.cat([p.detach().reshape(-1) for p in params])
+        expected = parameters_to_vector(params).detach()
         step = (expected - thetas[t]).norm()
         assert step > 1e-3 * expected.norm(), f"t={t}: the step is too small to test anything"
         assert (thetas[t + 1] - expected).norm() < 1e-5 * step, f"t={t}"     # seen: 0 to 1.3e-7
