@@ -134,3 +134,49 @@ def test_ideal_gas_predictions_per_member():
     # fixed LR: T = sqrt(η λ σ² / (2(D−1))) = sqrt(0.1·0.01·0.2/20) = sqrt(1e-5); λ = 0: no prediction
     assert p["T_ig"][1] == pytest.approx(np.sqrt(1e-5))
     assert np.isnan(p["T_ig"][2]) and np.isnan(p["r_sde"][2])
+
+
+def _seed_sweep(n_seeds, rng):
+    """A hand-built fixed-sphere Sweep: 9 LRs × n seeds, the exact §5 family with a per-seed
+    exponent a_s ~ 0.85 + 0.03 N(0, 1), and tr Σ with 5 % per-seed noise."""
+    from analysis.load import Sweep
+
+    lrs, C, D = np.logspace(-4, -2, 9), 50.0, 101
+    a_s = 0.85 + 0.03 * rng.standard_normal(n_seeds)
+    rows = [{"model": "convnet", "width": 8, "protocol": "fixed_sphere", "lr": lr, "seed": s, "D": D,
+             "status": "done", "regime": "stationary", "running": False, "excluded": "",
+             "train_loss": 3.9e-3 * C / a_s[s] * lr ** a_s[s], "entropy_knn_k50": C * np.log(lr),
+             "trace_sigma": (D - 1) * 0.01 * np.exp(0.05 * rng.standard_normal())}
+            for s in range(n_seeds) for lr in lrs]
+    t = pd.DataFrame(rows, index=pd.Index([f"r{i}" for i in range(len(rows))], name="run_id"))
+    stat = t[["train_loss", "entropy_knn_k50", "trace_sigma"]]
+    members = t.drop(columns=stat.columns)
+    return Sweep("mem", "0", None, None, members, stat.reset_index().assign(iteration=1000),
+                 pd.DataFrame(), stat), a_s
+
+
+def test_replicates_section_bands_and_two_vs_four_seeds(tmp_path):
+    from analysis.replicates import replicates_section
+
+    sw, a_s = _seed_sweep(4, np.random.default_rng(11))
+    res = replicates_section(sw, str(tmp_path), Options(eps=0.0, h=1e-6, lr_range=(1e-4, 1e-2)))
+    rows = {(r["group"], r["quantity"]): r for r in res.summary_rows}
+    a = rows[("all", "a")]
+    assert a["n_seeds"] == 4
+    assert a["mean"] == pytest.approx(a_s.mean(), abs=0.01)
+    half = student_t.ppf(0.95, 3) * np.std(a_s, ddof=1) / 2        # the band of the true per-seed a
+    assert (a["hi"] - a["lo"]) / 2 == pytest.approx(half, rel=0.15)
+    assert a["width_2_seeds"] > a["width_all_seeds"]
+    T_ig = rows[("median over configurations", "T_ig")]
+    assert T_ig["width_2_seeds"] > T_ig["width_all_seeds"] > 0
+    tb = pd.read_csv(tmp_path / "replicates_temperature.csv")
+    assert (tb["T_lo"] < tb["T_mean"]).all() and (tb["T_mean"] < tb["T_hi"]).all()
+    assert {"rep_all_stationary.png", "rep_all_temperature.png"} <= set(res.figures)
+
+
+def test_replicates_section_skips_without_seeds(tmp_path):
+    from analysis.replicates import replicates_section
+
+    sw, _ = _seed_sweep(1, np.random.default_rng(0))
+    with pytest.raises(Skip, match="no replicate axis"):
+        replicates_section(sw, str(tmp_path), Options())
