@@ -4,7 +4,7 @@ An axis over ``seed`` (the minibatch sequence) or ``init_seed`` (θ_0) makes mem
 every other key replicates of one configuration. ``replicate_axes`` finds those axes; every band here
 groups members over the remaining keys (``analysis.sections.group_members``).
 
-Method (our choice; THEORY.md §10 "Replicates" says the same):
+Method (our choice; THEORY.md §10 "Seeds as replicates" says the same):
 - **per-member quantities** (U, S, σ², the ideal-gas predictions T and r*, ...): the n seeds of one
   configuration give x_1 … x_n; the band is x̄ ± t_{n−1, (1+level)/2} · s/√n (s the sample standard
   deviation), a Student-t interval for the mean over seeds;
