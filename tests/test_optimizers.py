@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from trainables import protocols
-from trainables.optimizers import (init_state, load_state_dict, optimizer_config, state_dict, step,
-                                   step_lr)
+from trainables.optimizers import (ignored_keys, init_state, load_state_dict, optimizer_config,
+                                   state_dict, step, step_lr)
 
 PROTOCOLS = ("fixed_sphere", "fixed_elr", "fixed_lr")
 
@@ -247,12 +247,23 @@ def test_checkpoint_resume_is_exact(name):
     ({"optimizer": "momentum", "momentum": 1.0}, "0 ≤ momentum < 1"),
     ({"optimizer": "adam", "beta2": -0.1}, "0 ≤ beta2 < 1"),
     ({"optimizer": "adam", "adam_eps": 0}, "adam_eps = 0: must be a number > 0"),
-    ({"optimizer": "adam", "momentum": 0.9}, "momentum set for optimizer 'adam'"),
-    ({"momentum": 0.9}, "set optimizer to momentum"),
+    ({"optimizer": "adam", "momentum": 1.5}, "0 ≤ momentum < 1"),   # checked even where it does not act
 ])
 def test_bad_settings_are_refused(cfg, match):
     with pytest.raises(ValueError, match=match):
         optimizer_config(cfg)
+
+
+def test_keys_of_another_optimizer_do_not_act():
+    """optimizer on an axis with momentum: 0.9 fixed: the adam and sgd members ignore β."""
+    assert ignored_keys({"optimizer": "adam", "momentum": 0.9, "beta1": 0.8}) == ["momentum"]
+    assert ignored_keys({"optimizer": "momentum", "momentum": 0.9, "beta1": 0.8}) == ["beta1"]
+    theta0, g = np.array([0.6, 0.8, 0.0]), np.array([0.0, 0.3, -0.2])
+    plain, theta = _t(theta0), _t(theta0)
+    protocols.fixed_lr(plain, _t(g), 0.1, 0.01, 1.0)
+    opt = optimizer_config({"optimizer": "sgd", "momentum": 0.5, "beta1": 0.5})
+    step(opt, "fixed_lr", theta, _t(g), init_state(opt, theta), 0.1, 0.01, 1.0)
+    assert torch.equal(theta, plain)
 
 
 def test_defaults_and_step_lr():

@@ -52,27 +52,30 @@ _OWN_KEYS = {"sgd": (), "momentum": ("momentum",), "adam": ("beta1", "beta2", "a
 def optimizer_config(cfg: dict) -> dict:
     """The optimizer settings of a member config (missing keys take OPTIMIZER_DEFAULTS), checked.
 
-    A key set to None counts as unset (so MEMBER_DEFAULTS may list them all as None). Raises
-    ValueError naming the bad key and the fix: an unknown optimizer, a β outside [0, 1), a
-    non-positive adam_eps, or a key of another optimizer set explicitly (``momentum`` with adam...)."""
+    A key set to None counts as unset (so MEMBER_DEFAULTS may list them all as None). Keys of another
+    optimizer (``momentum`` on an adam member) are checked but do not act: a grid with
+    ``optimizer: [sgd, momentum, adam]`` on an axis sets them for every member (``ignored_keys``
+    names them, for a warning). Raises ValueError naming the bad key and the fix: an unknown
+    optimizer, a β outside [0, 1) or a non-positive adam_eps."""
     out = {k: v if cfg.get(k) is None else cfg[k] for k, v in OPTIMIZER_DEFAULTS.items()}
     name = out["optimizer"]
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer {name!r} is not known; choose one of {', '.join(OPTIMIZERS)}")
-    out["optimizer"] = name
-    foreign = [k for k in ("momentum", "beta1", "beta2", "adam_eps")
-               if k in cfg and cfg[k] is not None and k not in _OWN_KEYS[name]]
-    if foreign:
-        raise ValueError(f"{', '.join(foreign)} set for optimizer {name!r}, which does not use it; "
-                         f"remove it or set optimizer to "
-                         f"{'momentum' if foreign[0] == 'momentum' else 'adam'}")
     for k in ("momentum", "beta1", "beta2"):
         v = out[k]
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < 1:
             raise ValueError(f"{k} = {v!r}: must be a number with 0 ≤ {k} < 1")
-    if not isinstance(out["adam_eps"], (int, float)) or not out["adam_eps"] > 0:
-        raise ValueError(f"adam_eps = {out['adam_eps']!r}: must be a number > 0 (e.g. 1e-8)")
+    eps = out["adam_eps"]
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
+        raise ValueError(f"adam_eps = {eps!r}: must be a number > 0 (e.g. 1e-8)")
     return out
+
+
+def ignored_keys(cfg: dict) -> list:
+    """Optimizer keys set (not None) in ``cfg`` that its optimizer does not use."""
+    name = cfg.get("optimizer") or "sgd"
+    return [k for k in ("momentum", "beta1", "beta2", "adam_eps")
+            if cfg.get(k) is not None and k not in _OWN_KEYS.get(name, ())]
 
 
 def init_state(opt: dict, theta: torch.Tensor) -> dict:
@@ -172,5 +175,5 @@ def momentum_lr_factor(opt: dict) -> float:
     return 1.0 / (1.0 - opt["momentum"]) if opt["optimizer"] == "momentum" else 1.0
 
 
-__all__ = ["OPTIMIZERS", "OPTIMIZER_DEFAULTS", "optimizer_config", "init_state", "state_dict",
+__all__ = ["OPTIMIZERS", "OPTIMIZER_DEFAULTS", "optimizer_config", "ignored_keys", "init_state", "state_dict",
            "load_state_dict", "step", "step_lr", "radius_power", "momentum_lr_factor"]
