@@ -118,3 +118,14 @@ def test_section_skips_with_one_batch_size(tmp_path):
     sw.members, sw.stationary = sw.members.loc[keep], sw.stationary.loc[keep]
     with pytest.raises(Skip, match="1 batch size"):
         batch_size_section(sw, str(tmp_path), Options())
+
+
+def test_report_plugins_register_the_open_question_sections(monkeypatch):
+    """analysis.report's plugin list brings in both sections of issue #12 (by name, once)."""
+    from analysis import report, sections
+
+    monkeypatch.setattr(sections, "SECTIONS", list(sections.SECTIONS))
+    report._load_plugins()
+    report._load_plugins()
+    names = [f.__name__ for f in sections.SECTIONS]
+    assert names.count("batch_size_section") == 1 and names.count("replicates_section") == 1
