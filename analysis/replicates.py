@@ -325,7 +325,11 @@ def _temperature_bands(tab, axes, ent, opts, out_dir, res):
     from analysis.sections import slug, write_table
 
     fits = per_seed_fits(tab, axes, ("lr",), lambda m: temperature_fit(m, ent, opts))
-    _fit_summaries(fits, ["a", "b", "holds"], ("b",), res)
+    _fit_summaries(fits, ["a", "b"], ("b",), res)
+    ok = fits[fits["error"].isna()] if "error" in fits.columns else fits
+    for label, g in ok.groupby("group", sort=True):     # a yes/no per seed: a count, not a band
+        res.summary_rows.append({"group": label, "quantity": "§5 hypothesis holds", "n_seeds": len(g),
+                                 "mean": f"{int(g['holds'].sum())}/{len(g)} seeds"})
     curve = explode_curve(fits, "T_by_lr", "lr", "T")
     if curve.empty:
         return

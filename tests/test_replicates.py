@@ -167,6 +167,7 @@ def test_replicates_section_bands_and_two_vs_four_seeds(tmp_path):
     half = student_t.ppf(0.95, 3) * np.std(a_s, ddof=1) / 2        # the band of the true per-seed a
     assert (a["hi"] - a["lo"]) / 2 == pytest.approx(half, rel=0.15)
     assert a["width_2_seeds"] > a["width_all_seeds"]
+    assert rows[("all", "§5 hypothesis holds")]["mean"] == "4/4 seeds"     # the exact family: it holds
     T_ig = rows[("median over configurations", "T_ig")]
     assert T_ig["width_2_seeds"] > T_ig["width_all_seeds"] > 0
     tb = pd.read_csv(tmp_path / "replicates_temperature.csv")
