@@ -181,3 +181,29 @@ def test_replicates_section_skips_without_seeds(tmp_path):
     sw, _ = _seed_sweep(1, np.random.default_rng(0))
     with pytest.raises(Skip, match="no replicate axis"):
         replicates_section(sw, str(tmp_path), Options())
+
+
+def test_maxwell_errors_are_banded_over_seeds(tmp_path):
+    """fixed ELR, S_full = ln η − R(1 + δ_s) ln λ per seed (R = (D − 1)/2): the §7 relation
+    ∂S/∂ln λ = −R is off by exactly |δ_s| everywhere, so each seed's max relative error is |δ_s|."""
+    from analysis.load import Sweep
+    from analysis.replicates import replicates_section
+
+    D, deltas = 21, [0.01, 0.03, 0.05]
+    R = (D - 1) / 2
+    lr, wd = (v.ravel() for v in np.meshgrid(np.logspace(-3, -1, 3), np.logspace(-3, -1, 3), indexing="ij"))
+    rows = [{"model": "vmf", "protocol": "fixed_elr", "lr": a, "wd": w, "seed": s, "D": D,
+             "status": "done", "regime": "stationary", "running": False, "excluded": "",
+             "entropy_kl_full": np.log(a) - R * (1 + d) * np.log(w)}
+            for s, d in enumerate(deltas) for a, w in zip(lr, wd)]
+    t = pd.DataFrame(rows, index=pd.Index([f"r{i}" for i in range(len(rows))], name="run_id"))
+    stat = t[["entropy_kl_full"]]
+    sw = Sweep("mem", "0", None, None, t.drop(columns=stat.columns), stat.reset_index().assign(iteration=1),
+               pd.DataFrame(), stat)
+    res = replicates_section(sw, str(tmp_path), Options())
+    rows = {r["quantity"]: r for r in res.summary_rows if r["group"] == "all"}
+    err = rows["maxwell_rel_err_max"]
+    assert err["n_seeds"] == 3 and err["mean"] == pytest.approx(np.mean(deltas), rel=1e-6)
+    h = student_t.ppf(0.95, 2) * np.std(deltas, ddof=1) / np.sqrt(3)
+    assert (err["lo"], err["hi"]) == pytest.approx((0.03 - h, 0.03 + h), rel=1e-6)
+    assert rows["maxwell_ratio_1"]["mean"] == pytest.approx(-(1 + np.mean(deltas)), rel=1e-6)
