@@ -38,7 +38,7 @@ from analysis.sections import (SECTIONS, Options, SectionResult, Skip, finite_ro
                                rel_err, slug, split_by_member, write_table)
 from analysis.snr import default_phase_threshold, gradient_phase_exponent
 
-PLUGINS = ("analysis.toys_report",)
+PLUGINS = ("analysis.toys_report", "analysis.open_questions")
 UNIFORM_MAX_D = 50_000
 
 

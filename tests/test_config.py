@@ -20,6 +20,8 @@ IG_LR = [1e-3 * 10 ** (k / 6) for k in range(19)]
 TOY_LR = ([10 ** (-3 + 3 * j / 31) for j in range(31)] + [2.5 ** (j / 32) for j in range(32)]
           + [2.5 * 4 ** (j / 16) for j in range(17)])
 VMF = [10 ** (-3 + j / 8) for j in range(17)]  # logspace(-3, -1, 17)
+FE22 = [x for x in FE_LR if 1e-4 * (1 - 1e-9) <= x <= 1e-1 * (1 + 1e-9)]  # §9: the analysed 1e-4 … 1e-1
+DIGITS7 = [1e-3 * 10 ** (k / 2) for k in range(7)]                      # logspace(-3, 0, 7)
 
 # file → (members, {axis: expected values})
 SHIPPED = {
@@ -35,6 +37,10 @@ SHIPPED = {
     "vmf_fixed_lr.yaml": (17 * 17, {"lr": VMF, "wd": VMF}),
     "vmf_fixed_elr.yaml": (17 * 17, {"lr": VMF, "wd": VMF}),
     "vmf_fixed_sphere.yaml": (17 * 17, {"lr": VMF, "radius": [10 ** (-1 + j / 8) for j in range(17)]}),
+    "batch_size.yaml": (3 * 22, {"batch_size": [32, 128, 512], "lr": FE22}),
+    "seeds.yaml": (4 * 22, {"seed": [0, 1, 2, 3], "lr": FE22}),
+    "digits_batch_size.yaml": (3 * 7, {"batch_size": [16, 64, 256], "lr": DIGITS7}),
+    "digits_seeds.yaml": (4 * 7, {"seed": [0, 1, 2, 3], "lr": DIGITS7}),
 }
 TOY_KEYS = {"sphere_toy": {"setting"}, "vmf": {"dim", "noise", "mu_seed"}}
 
