@@ -347,8 +347,10 @@ def check_fit(grid, nodes: list[Node], where: str) -> list[str]:
         first, n = g["trials"][0], len(g["trials"])
         why = "; ".join(f"{node.name}{f' ({node.instance})' if node.instance else ''}: {reason}"
                         for node, _, reason, _ in fits) or "no nodes"
+        kind = "memory" if any(r and ("memory" in r or "object store" in r) for _, _, r, _ in fits) \
+            else "resources"
         problems.append(
-            f"memory: trial {first} ({g['label']}; {n} trial(s) like it) fits no node of {where}. "
+            f"{kind}: trial {first} ({g['label']}; {n} trial(s) like it) fits no node of {where}. "
             f"Per trial: Ray memory {exact(mem.request)} (process {gib(mem.host)} + reservoir "
             f"{gib(mem.reservoir)}), object store {exact(mem.object_store)}, GPU memory {gib(mem.device)}, "
             f"with cpu {_fmt(g['res']['cpu'])}, gpu {_fmt(g['res']['gpu'])}. {why}. "
