@@ -359,7 +359,8 @@ def _apply_overrides(raw, overrides, problems):
       gives a one-value axis); a member key not on an axis goes to ``fixed``, unless the value is a list or
       an axis spec (and the key is not ``entropy``), which makes it a new axis.
     - ``fixed.lr=0.1`` pins lr: it leaves the axes (and the bundle). ``axes.width=[8, 64]`` makes an axis.
-    - ``resources.gpu=0.5``, ``max_concurrent=2``, ``experiment=x``: top-level keys.
+    - ``resources.gpu=0.5``, ``max_concurrent=2``, ``experiment=x``: top-level keys. A ``resources.cpu``
+      or ``resources.gpu`` override applies to every trial: it replaces that key in ``resources.by``.
     """
     for item in overrides:
         where = f"--set {item}"

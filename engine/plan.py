@@ -426,7 +426,7 @@ def launch_plan(grid, nodes: list[Node], where: str, tracking_uri: str, storage:
         usd = node_h * (node.usd_per_hour or 0)
         total_gpu_h, total_usd, total_wall = total_gpu_h + gpu_h, total_usd + usd, total_wall + wall
         total_spot += usd * t["spot_fraction"]
-        lines.append(f"    time: {its:.1f} it/s alone on a {node.gpu_model} -> {hours:.1f} h per trial; "
+        lines.append(f"    time: {its:.1f} it/s alone on one {node.gpu_model} -> {hours:.1f} h per trial; "
                      f"{gpu_h:,.0f} GPU-hours, about {wall:.0f} h wall; ${usd:,.0f} on-demand, "
                      f"${usd * t['spot_fraction']:,.0f} spot (source: {src})")
     if total_gpu_h:
