@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from engine.config import GridError, check_resources, load_grid
+from engine import plan
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_STORAGE = "ray_results"
@@ -41,6 +42,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (no --address)")
     p.add_argument("--num-gpus", type=int, default=None,
                    help="GPUs of the local Ray (no --address); may be logical, for testing packing")
+    p.add_argument("--cluster-yaml", default=None, metavar="PATH",
+                   help="node types the trials may run on: --dry-run plans onto them (default: the "
+                        "repository's cluster.yaml); with --address they join the cluster's own nodes "
+                        "and its autoscaler's types in the start-up check")
     p.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="Tune's progress output")
     return p
 
@@ -71,8 +76,29 @@ def find_sweep_dir(storage: Path, experiment: str, wanted: str) -> Path:
     return candidates[-1]
 
 
+def check_start(grid, address=None, num_cpus=None, num_gpus=None, cluster_yaml=None) -> None:
+    """The start-up resource check (raises GridError): before a local Ray starts, against this machine;
+    once connected to a cluster, against its nodes and the node types its autoscaler can add."""
+    import ray
+
+    if not ray.is_initialized() and not address:
+        import torch
+        local = {"CPU": num_cpus or os.cpu_count() or 1,
+                 "GPU": num_gpus if num_gpus is not None else torch.cuda.device_count()}
+        problems = check_resources(grid, local) or plan.check_fit(
+            grid, [plan.local_node(num_cpus, num_gpus)], "this machine")
+    elif ray.is_initialized():
+        problems = plan.check_fit(grid, plan.cluster_nodes(cluster_yaml), "the cluster (its nodes and the "
+                                  "node types its autoscaler can add)")
+    else:
+        return
+    if problems:
+        raise GridError(problems, grid.path)
+
+
 def run_sweep(grid, *, address=None, tracking_uri=DEFAULT_TRACKING_URI, storage_path=None, resume=None,
-              max_concurrent=None, num_cpus=None, num_gpus=None, verbose=1, _fault_kill_at=None):
+              max_concurrent=None, num_cpus=None, num_gpus=None, verbose=1, _fault_kill_at=None,
+              cluster_yaml=None):
     """Run (or resume) a sweep; returns a summary dict. Starts Ray if it is not running yet."""
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")   # MLflow is our only logger
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")                  # the table reporter below
@@ -85,22 +111,12 @@ def run_sweep(grid, *, address=None, tracking_uri=DEFAULT_TRACKING_URI, storage_
     from engine.trainable import train_bundle
 
     if not ray.is_initialized():
+        check_start(grid, address, num_cpus, num_gpus)         # a local Ray: this machine, before starting
         if address:
             ray.init(address=address)
         else:
-            # a local Ray would have these resources: check before starting it
-            import torch
-            local = {"CPU": num_cpus or os.cpu_count() or 1,
-                     "GPU": num_gpus if num_gpus is not None else torch.cuda.device_count()}
-            problems = check_resources(grid, local)
-            if problems:
-                raise GridError(problems, grid.path)
             ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False)
-    problems = check_resources(grid, ray.cluster_resources())
-    if problems and not address:
-        raise GridError(problems, grid.path)
-    for p in problems:
-        print(f"warning: {p} (the autoscaler may add such nodes)", file=sys.stderr)
+    check_start(grid, cluster_yaml=cluster_yaml)                # what the running cluster offers
 
     where = storage_path or grid.storage_path or DEFAULT_STORAGE
     if "://" in str(where):             # e.g. s3://bucket/sweeps: Tune handles it, resume needs a path
@@ -112,7 +128,8 @@ def run_sweep(grid, *, address=None, tracking_uri=DEFAULT_TRACKING_URI, storage_
         storage = Path(where).resolve()
         storage.mkdir(parents=True, exist_ok=True)
     res = {"cpu": float(grid.resources.get("cpu", 1)), "gpu": float(grid.resources.get("gpu", 0))}
-    trainable = tune.with_resources(train_bundle, res)
+    per_trial = plan.ray_resources(grid)                       # cpu, gpu and memory of each trial
+    trainable = tune.with_resources(train_bundle, lambda config: per_trial[config["trial"]["trial_id"]])
     trials = grid.trials()
     members = [m for t in trials for m in t["members"]]
 
@@ -192,6 +209,26 @@ def summarise(results, tracking_uri, sweep_id, sweep_dir, experiment, member_ids
             "experiment": experiment, "members": counts}
 
 
+def dry_run_plan(args, grid) -> int:
+    """Print the launch plan onto cluster.yaml's node types; 2 if a trial fits none of them."""
+    path = Path(args.cluster_yaml) if args.cluster_yaml else plan.CLUSTER_YAML
+    nodes = plan.nodes_from_cluster_yaml(path)
+    storage = (args.storage_path or grid.storage_path or os.environ.get("THERMOSWEEP_STORAGE")
+               or DEFAULT_STORAGE)
+    print()
+    print(plan.launch_plan(grid, nodes, path.name, tracking_uri_for(args, grid), storage,
+                           args.max_concurrent))
+    problems = plan.check_fit(grid, nodes, path.name)
+    if not args.address:
+        here = plan.check_fit(grid, [plan.local_node(args.num_cpus, args.num_gpus)], "this machine")
+        print(f"this machine (a local Ray): {'cannot run it: ' + here[0] if here else 'can run it'}")
+    if problems:
+        for p in problems:
+            print(f"error: {p}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv=None) -> int:
     p = parser()
     args = p.parse_args(argv)
@@ -212,12 +249,13 @@ def main(argv=None) -> int:
         print(grid.table())
         print()
         print(grid.resource_plan())
-        return 0
+        return dry_run_plan(args, grid)
     uri = _absolute_sqlite(tracking_uri_for(args, grid))
     try:
         summary = run_sweep(grid, address=args.address, tracking_uri=uri, storage_path=args.storage_path,
                             resume=args.resume, max_concurrent=args.max_concurrent,
-                            num_cpus=args.num_cpus, num_gpus=args.num_gpus, verbose=args.verbose)
+                            num_cpus=args.num_cpus, num_gpus=args.num_gpus, verbose=args.verbose,
+                            cluster_yaml=args.cluster_yaml)
     except GridError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -93,7 +93,9 @@ def test_paper_settings_in_grids():
     _, cfg = fe.members()[0]
     assert (cfg["iterations"], cfg["num_stoch_grads"], cfg["samples_per_label"]) == (1_600_000, 1000, 5000)
     assert cfg["protocol"] == "fixed_sphere" and cfg["entropy"][0]["window"] == 1000
-    assert fe.resources == {"cpu": 1.0, "gpu": 0.25}
+    from engine.config import trial_resources
+    by_width = {t["members"][0][1]["width"]: trial_resources(fe, t) for t in fe.trials()}
+    assert by_width == {8: {"cpu": 1.0, "gpu": 0.25}, 64: {"cpu": 1.0, "gpu": 1.0}}
     ig = load_grid(GRIDS / "lr_wd.yaml")
     _, cfg = ig.members()[0]
     assert cfg["protocol"] == "fixed_lr" and cfg["log_schedule"] == "ideal_gas"
