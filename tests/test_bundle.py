@@ -170,3 +170,12 @@ def test_grid_check_refuses_network_bundles_across_architecture_or_data():
     ok = load_grid({**base, "axes": {"lr": [0.1, 0.2], "width": [2, 4], "seed": [0, 1]}, "bundle": ["lr", "seed"]})
     assert [len(t["members"]) for t in ok.trials()] == [4, 4]
     assert "2 trial(s) of 4 member(s)" in ok.resource_plan()
+
+
+def test_ideal_gas_grids_bundle_their_lrs():
+    from pathlib import Path
+    grids = Path(__file__).resolve().parents[1] / "grids"
+    for name, sizes in [("lr_wd.yaml", [19] * 5), ("fixed_elr.yaml", [14] * 5), ("fixed_sphere.yaml", [14] * 5)]:
+        grid = load_grid(grids / name)
+        assert [len(t["members"]) for t in grid.trials()] == sizes
+        assert grid.resources == {"cpu": 1.0, "gpu": 1.0}
