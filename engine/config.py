@@ -794,11 +794,14 @@ def _check_members(grid, problems, warnings):
             problems.append(f"{where}.{key}: applies only to model {model}; this grid runs "
                             f"{', '.join(sorted(models))}")
     if grid.bundle and models & NETWORKS:
+        refused: dict = {}      # message → trial ids: network members that cannot share one model
         for trial in grid.trials():
             cfgs = [cfg for _, cfg in trial["members"]]
             if cfgs[0]["model"] in NETWORKS:
                 for msg in bundle_conflicts(cfgs):
-                    note(problems, f"bundle: {msg}", trial["trial_id"])
+                    refused.setdefault(msg, []).append(trial["trial_id"])
+        for msg, tids in refused.items():
+            problems.append(f"bundle: trials ({len(tids)}: {', '.join(tids[:3])}{', ...' if len(tids) > 3 else ''}): {msg}")
     for (is_problem, msg), mids in found.items():
         ids = ", ".join(mids[:3]) + (", ..." if len(mids) > 3 else "")
         (problems if is_problem else warnings).append(f"members ({len(mids)}: {ids}): {msg}")

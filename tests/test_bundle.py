@@ -179,3 +179,14 @@ def test_ideal_gas_grids_bundle_their_lrs():
         grid = load_grid(grids / name)
         assert [len(t["members"]) for t in grid.trials()] == sizes
         assert grid.resources == {"cpu": 1.0, "gpu": 1.0}
+
+
+def test_bundle_steps_make_no_host_sync(monkeypatch):
+    from test_trial import SyncCounter
+    runner = NetworkRunner([config(lr=lr, seed=seed, running_every=5) for lr, seed in ((0.01, 3), (0.02, 4))])
+    counter = SyncCounter(monkeypatch)
+    counter.active = True
+    for t in range(10):
+        runner._step(t)
+    counter.active = False
+    assert counter.calls == [] and len(runner._running) == 2
