@@ -190,3 +190,39 @@ def test_bundle_steps_make_no_host_sync(monkeypatch):
         runner._step(t)
     counter.active = False
     assert counter.calls == [] and len(runner._running) == 2
+
+
+# ---- through the engine ---------------------------------------------------------------------------
+
+def test_killed_bundled_trial_resumes_through_the_engine_and_matches(ray_session, tmp_path, tracking_uri):
+    """One Tune trial of two bundled LRs, SIGKILLed at iteration 130 and restored from its checkpoint,
+    logs exactly what the uninterrupted trial logs, member by member."""
+    from conftest import REPO, metric_history, mlflow_member_runs
+    from engine.sweep import run_sweep
+    from ray.tune import ExperimentAnalysis
+    from trainables.schedule import log_iterations
+
+    iterations = 200
+    common = [f"iterations={iterations}", "log_schedule=every:20", "lr=[0.05, 0.1]", "bundle=[lr]",
+              "checkpoint_every=50", "max_failures=2", "width=1", "num_stoch_grads=2", "batch_size=32",
+              "entropy=[{name: knn, window: 20, stride: 1, ks: [1, 5, 19]}]"]
+    runs = {}
+    for name, fault in (("bclean", None), ("bfaulty", 130)):
+        grid = load_grid(REPO / "grids" / "demo.yaml", overrides=[f"experiment={name}", *common])
+        assert [len(t["members"]) for t in grid.trials()] == [2]
+        summary = run_sweep(grid, tracking_uri=tracking_uri, storage_path=str(tmp_path / "rr"), verbose=0,
+                            _fault_kill_at=fault)
+        assert summary["members"]["done"] == 2, summary
+        runs[name] = {mid: r.info.run_id for mid, r in mlflow_member_runs(tracking_uri, name)[1].items()}
+        failures = [t.num_failures for t in ExperimentAnalysis(summary["sweep_dir"]).trials]
+        assert failures == [0 if fault is None else 1]
+    assert sorted(runs["bclean"]) == sorted(runs["bfaulty"]) == ["m0000", "m0001"]
+    steps = log_iterations("every:20", iterations)
+    for mid in ("m0000", "m0001"):
+        for metric in ("train_loss", "test_loss", "snr", "entropy_knn_k5"):
+            clean = metric_history(tracking_uri, runs["bclean"][mid], metric)
+            faulty = metric_history(tracking_uri, runs["bfaulty"][mid], metric)
+            assert faulty == clean, (mid, metric)
+        assert [s for s, _ in metric_history(tracking_uri, runs["bclean"][mid], "train_loss")] == steps
+    a, b = (metric_history(tracking_uri, runs["bclean"][m], "train_loss") for m in ("m0000", "m0001"))
+    assert a != b                                             # two members, two trajectories
