@@ -32,6 +32,7 @@ import numpy as np
 import yaml
 
 from trainables.defaults import DEFAULT_KS, MEMBER_DEFAULTS  # one source of defaults
+from trainables.runner import bundle_conflicts
 from trainables.schedule import log_iterations, window_complete
 
 # Extra keys that only the toys understand (DESIGN.md "Toy keys"); they override MEMBER_DEFAULTS.
@@ -55,6 +56,7 @@ VALID = {
     "loss": {"ce", "mse"},
     "log_schedule": {"free_energy", "ideal_gas", "sphere_toy", "every:N", "log:N"},
     "setting": {"up", "op"},
+    "dtype": {"float32", "float64"},
     "entropy": set(ENTROPY_DEFAULTS),
 }
 
@@ -263,6 +265,7 @@ KEY_CHECKS = {
     "entropy": _entropy_specs,
     "data_dir": _text("data_dir"),
     "device": _device,
+    "dtype": _choice("dtype"),
     "dim": _int("dim", 2),
     "noise": _float("noise", ge=0),
     "mu_seed": _int("mu_seed", 0),
@@ -930,8 +933,14 @@ def _check_members(grid, problems, warnings):
             problems.append(f"{where}.{key}: applies only to model {model}; this grid runs "
                             f"{', '.join(sorted(models))}")
     if grid.bundle and models & NETWORKS:
-        warnings.append(f"bundle: {', '.join(sorted(models & NETWORKS))} runners take one member per trial "
-                        f"for now (docs/DESIGN.md); bundled trials need a runner that vectorises members")
+        refused: dict = {}      # message → trial ids: network members that cannot share one model
+        for trial in grid.trials():
+            cfgs = [cfg for _, cfg in trial["members"]]
+            if cfgs[0]["model"] in NETWORKS:
+                for msg in bundle_conflicts(cfgs):
+                    refused.setdefault(msg, []).append(trial["trial_id"])
+        for msg, tids in refused.items():
+            problems.append(f"bundle: trials ({len(tids)}: {', '.join(tids[:3])}{', ...' if len(tids) > 3 else ''}): {msg}")
     for (is_problem, msg), mids in found.items():
         ids = ", ".join(mids[:3]) + (", ..." if len(mids) > 3 else "")
         (problems if is_problem else warnings).append(f"members ({len(mids)}: {ids}): {msg}")

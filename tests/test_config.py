@@ -142,8 +142,9 @@ def test_bundle_groups_members_sharing_the_other_axes():
         assert {cfg["width"] for _, cfg in trial["members"]} == {width}
     # lr outer, width inner: width 4 members are m0, m2, m4
     assert [mid for mid, _ in trials[0]["members"]] == ["m0000", "m0002", "m0004"]
-    # bundling everything → one trial
-    both = load_grid({"experiment": "b", "axes": {"lr": [0.1, 0.2, 0.3], "width": [4, 8]}, "bundle": ["lr", "width"]})
+    # bundling everything → one trial (a toy: network bundles must share their width)
+    both = load_grid({"experiment": "b", "fixed": {"model": "vmf"}, "axes": {"lr": [0.1, 0.2, 0.3], "width": [4, 8]},
+                      "bundle": ["lr", "width"]})
     assert [len(t["members"]) for t in both.trials()] == [6]
 
 
