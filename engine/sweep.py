@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from engine.config import GridError, check_resources, load_grid
+from engine.preflight import check_address, check_datasets, check_experiment, check_storage, check_tracking_uri
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_STORAGE = "ray_results"
@@ -57,6 +58,23 @@ def _absolute_sqlite(uri: str) -> str:
     return uri
 
 
+def storage_for(storage_path, grid) -> str:
+    return str(storage_path or grid.storage_path or DEFAULT_STORAGE)
+
+
+def check_inputs(grid, *, tracking_uri, storage, address=None, resume=None) -> tuple[list[str], list[str]]:
+    """(problems, notes) about every path-, URI- and data-like input (engine.preflight); nothing starts."""
+    problems = (check_experiment(grid.experiment) + check_storage(storage) + check_tracking_uri(tracking_uri)
+                + check_address(address))
+    if resume and not problems and "://" not in storage:
+        try:
+            find_sweep_dir(Path(storage).resolve(), grid.experiment, resume)
+        except FileNotFoundError as e:
+            problems.append(str(e))
+    data_problems, notes = check_datasets(grid, on_cluster=bool(address))
+    return problems + data_problems, notes
+
+
 def find_sweep_dir(storage: Path, experiment: str, wanted: str) -> Path:
     if wanted != "latest":
         path = Path(wanted).resolve()
@@ -72,8 +90,15 @@ def find_sweep_dir(storage: Path, experiment: str, wanted: str) -> Path:
 
 
 def run_sweep(grid, *, address=None, tracking_uri=DEFAULT_TRACKING_URI, storage_path=None, resume=None,
-              max_concurrent=None, num_cpus=None, num_gpus=None, verbose=1, _fault_kill_at=None):
-    """Run (or resume) a sweep; returns a summary dict. Starts Ray if it is not running yet."""
+              max_concurrent=None, num_cpus=None, num_gpus=None, verbose=1, _fault_kill_at=None,
+              _checked=False):
+    """Run (or resume) a sweep; returns a summary dict. Starts Ray if it is not running yet.
+    Raises GridError (nothing started) when an input is unusable; ``main`` has checked them already."""
+    where = storage_for(storage_path, grid)
+    if not _checked:
+        problems, _ = check_inputs(grid, tracking_uri=tracking_uri, storage=where, address=address, resume=resume)
+        if problems:
+            raise GridError(problems, grid.path)
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")   # MLflow is our only logger
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")                  # the table reporter below
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
@@ -86,7 +111,7 @@ def run_sweep(grid, *, address=None, tracking_uri=DEFAULT_TRACKING_URI, storage_
 
     if not ray.is_initialized():
         if address:
-            ray.init(address=address)
+            ray.init(address=address)      # check_address saw it answer; Ray's own errors are clear from here
         else:
             # a local Ray would have these resources: check before starting it
             import torch
@@ -95,14 +120,14 @@ def run_sweep(grid, *, address=None, tracking_uri=DEFAULT_TRACKING_URI, storage_
             problems = check_resources(grid, local)
             if problems:
                 raise GridError(problems, grid.path)
-            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False)
+            # "local": a fresh Ray of our own, never one that a crashed earlier `ray start` left behind
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False)
     problems = check_resources(grid, ray.cluster_resources())
     if problems and not address:
         raise GridError(problems, grid.path)
     for p in problems:
         print(f"warning: {p} (the autoscaler may add such nodes)", file=sys.stderr)
 
-    where = storage_path or grid.storage_path or DEFAULT_STORAGE
     if "://" in str(where):             # e.g. s3://bucket/sweeps: Tune handles it, resume needs a path
         if resume:
             raise FileNotFoundError("--resume needs a local or shared-filesystem --storage-path; "
@@ -208,16 +233,27 @@ def main(argv=None) -> int:
         p.error("--max-concurrent must be ≥ 1")
     for w in grid.warnings:
         print(f"warning: {w}", file=sys.stderr)
+    uri = _absolute_sqlite(tracking_uri_for(args, grid))
+    problems, notes = check_inputs(grid, tracking_uri=uri, storage=storage_for(args.storage_path, grid),
+                                   address=args.address, resume=args.resume)
+    if problems:
+        print(f"error: the sweep of {args.grid} cannot start, {len(problems)} problem(s):", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        print("Nothing was started. Fix these and run again.", file=sys.stderr)
+        return 2
+    for n in notes:
+        print(f"note: {n}", file=sys.stderr)
     if args.dry_run:
         print(grid.table())
         print()
         print(grid.resource_plan())
         return 0
-    uri = _absolute_sqlite(tracking_uri_for(args, grid))
     try:
         summary = run_sweep(grid, address=args.address, tracking_uri=uri, storage_path=args.storage_path,
                             resume=args.resume, max_concurrent=args.max_concurrent,
-                            num_cpus=args.num_cpus, num_gpus=args.num_gpus, verbose=args.verbose)
+                            num_cpus=args.num_cpus, num_gpus=args.num_gpus, verbose=args.verbose,
+                            _checked=True)
     except GridError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
