@@ -91,9 +91,10 @@ def find_sweep_dir(storage: Path, experiment: str, wanted: str) -> Path:
 
 def run_sweep(grid, *, address=None, tracking_uri=DEFAULT_TRACKING_URI, storage_path=None, resume=None,
               max_concurrent=None, num_cpus=None, num_gpus=None, verbose=1, _fault_kill_at=None,
-              _checked=False):
+              _checked=False, _callbacks=()):
     """Run (or resume) a sweep; returns a summary dict. Starts Ray if it is not running yet.
-    Raises GridError (nothing started) when an input is unusable; ``main`` has checked them already."""
+    Raises GridError (nothing started) when an input is unusable; ``main`` has checked them already.
+    ``_callbacks``: extra Tune callbacks after the tracker (tests inject driver faults with them)."""
     where = storage_for(storage_path, grid)
     if not _checked:
         problems, _ = check_inputs(grid, tracking_uri=tracking_uri, storage=where, address=address, resume=resume)
@@ -106,7 +107,7 @@ def run_sweep(grid, *, address=None, tracking_uri=DEFAULT_TRACKING_URI, storage_
     from ray import tune
 
     from engine.reservoir import get_reservoir, shutdown_reservoirs
-    from engine.tracking import MLflowTracker, git_commit
+    from engine.tracking import MLflowTracker, source_tags
     from engine.trainable import train_bundle
 
     if not ray.is_initialized():
@@ -152,8 +153,8 @@ def run_sweep(grid, *, address=None, tracking_uri=DEFAULT_TRACKING_URI, storage_
             tracking_uri=tracking_uri, experiment=grid.experiment, grid_text=grid.source_text,
             grid_name=Path(grid.path).name if grid.path else grid.experiment, members=members,
             sweep_id=sweep_id,
-            tags={"thermosweep.git_commit": git_commit(Path(__file__).parent),
-                  "thermosweep.description": grid.description or ""},
+            tags={**source_tags(Path(__file__).parent), "mlflow.note.content": grid.description or ""},
+            spill_dir=str(storage) if "://" not in str(storage) else None,
             params={"bundle": grid.bundle, "n_members": len(members), "n_trials": len(trials),
                     "axes": {k: v for k, v in grid.axes.items()}, "overrides": grid.overrides,
                     "resources": res})
@@ -172,7 +173,7 @@ def run_sweep(grid, *, address=None, tracking_uri=DEFAULT_TRACKING_URI, storage_
                 trial_name_creator=lambda t: t.config["trial"]["trial_id"],
                 trial_dirname_creator=lambda t: t.config["trial"]["trial_id"]),
             run_config=tune.RunConfig(
-                name=sweep_id, storage_path=str(storage), callbacks=[tracker], verbose=verbose,
+                name=sweep_id, storage_path=str(storage), callbacks=[tracker, *_callbacks], verbose=verbose,
                 progress_reporter=tune.CLIReporter(
                     metric_columns={"iteration": "iteration", "train_loss": "train loss",
                                     "members_running": "members running"},
