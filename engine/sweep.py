@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from engine.config import GridError, check_resources, load_grid
@@ -22,6 +25,73 @@ from engine.preflight import check_address, check_datasets, check_experiment, ch
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_STORAGE = "ray_results"
+CLOSED_OK = ("done", "diverged", "converged")     # a member that ended by itself (not "failed")
+DRIVER_MARK = "thermosweep_driver.json"           # in the session directory of a local Ray we started
+
+
+# ---------------------------------------------------------------------------- what a killed driver left
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError):
+        return True
+    return True
+
+
+def _processes_of(session_dir: str) -> list[int]:
+    """Processes whose command line names ``session_dir`` (every process of that local Ray does)."""
+    out = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(session_dir + end in text + " " for end in ("/", " ", "=")):
+            out.append(int(cmdline.parent.name))
+    return [p for p in out if p != os.getpid()]
+
+
+def reap_killed_drivers() -> list[int]:
+    """Stop the processes of local Rays whose sweep driver was killed (SIGKILL leaves Ray's agents
+    running). Only sessions marked by a driver of ours whose process is gone are touched."""
+    from ray._common.utils import get_default_ray_temp_dir
+    reaped = []
+    for mark in Path(get_default_ray_temp_dir()).glob(f"session_*/{DRIVER_MARK}"):
+        if mark.parent.is_symlink():          # session_latest
+            continue
+        try:
+            owner = json.loads(mark.read_text()).get("pid")
+        except (OSError, ValueError):
+            continue
+        if _alive(owner):
+            continue
+        pids = _processes_of(str(mark.parent))
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        mark.unlink(missing_ok=True)
+        reaped += pids
+        if pids:
+            print(f"cleaned up {len(pids)} process(es) of the local Ray left by a killed driver (pid {owner}, "
+                  f"{mark.parent.name})", file=sys.stderr)
+    return reaped
+
+
+def _mark_session() -> None:
+    import ray._private.worker as worker
+    node = worker._global_node
+    if node is not None:
+        Path(node.get_session_dir_path(), DRIVER_MARK).write_text(json.dumps({"pid": os.getpid()}))
+
+
+def _sigterm_as_interrupt(signum, frame):
+    """SIGTERM stops the sweep the way Ctrl-C does (Tune saves its state, the tracker closes the runs)."""
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -89,6 +159,53 @@ def find_sweep_dir(storage: Path, experiment: str, wanted: str) -> Path:
     return candidates[-1]
 
 
+def skip_finished_trials(sweep_dir: Path, closed: set[str]) -> list[str]:
+    """Mark as TERMINATED, in Tune's newest saved state, every trial whose members MLflow has all closed.
+
+    Tune saves its trial states on its own schedule; the tracker closes a member as soon as its last
+    result arrives. A driver stopped between the two leaves a finished trial that Tune would start again
+    on ``--resume``; this runs before ``Tuner.restore`` so that it does not. The grid searcher's saved
+    count of live trials is brought in line (else it would wait for the skipped trial forever).
+    Returns our ids of the trials marked now."""
+    states = sorted(sweep_dir.glob("experiment_state-*.json"))    # Tune restores the newest (max name)
+    if not states:
+        return []
+    data = json.loads(states[-1].read_text())
+    marked, ended = [], set()
+    for entry in data["trial_data"]:
+        state = json.loads(entry[0])
+        trial = state["config"]["trial"]
+        ids = [m for m, _ in trial["members"]]
+        if state["status"] != "TERMINATED" and ids and all(m in closed for m in ids):
+            state["status"] = "TERMINATED"
+            entry[0] = json.dumps(state, indent=2)
+            marked.append(trial["trial_id"])
+        if state["status"] in ("TERMINATED", "ERROR"):
+            ended.add(state["trial_id"])
+    if marked:
+        tmp = states[-1].with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, states[-1])
+    _release_from_searcher(sweep_dir, ended)
+    return marked
+
+
+def _release_from_searcher(sweep_dir: Path, ended: set[str]) -> None:
+    """Drop ended trials (Tune's ids) from the saved grid searcher's live set, which caps concurrency."""
+    import ray.cloudpickle as cloudpickle
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+    from ray.tune.utils.util import _atomic_save
+    files = sorted(sweep_dir.glob(BasicVariantGenerator.CKPT_FILE_TMPL.format("*")),
+                   key=lambda p: p.stat().st_mtime)                 # Tune restores the newest file
+    if not files:
+        return
+    state = cloudpickle.loads(files[-1].read_bytes())
+    live = state.get("_live_trials") if isinstance(state, dict) else None
+    if live and live & ended:
+        live.difference_update(ended)
+        _atomic_save(state, str(sweep_dir), files[-1].name, f"tmp-{files[-1].name}")
+
+
 def run_sweep(grid, *, address=None, tracking_uri=DEFAULT_TRACKING_URI, storage_path=None, resume=None,
               max_concurrent=None, num_cpus=None, num_gpus=None, verbose=1, _fault_kill_at=None,
               _checked=False, _callbacks=()):
@@ -107,7 +224,7 @@ def run_sweep(grid, *, address=None, tracking_uri=DEFAULT_TRACKING_URI, storage_
     from ray import tune
 
     from engine.reservoir import get_reservoir, shutdown_reservoirs
-    from engine.tracking import MLflowTracker, source_tags
+    from engine.tracking import MLflowTracker, member_statuses, source_tags
     from engine.trainable import train_bundle
 
     if not ray.is_initialized():
@@ -122,7 +239,9 @@ def run_sweep(grid, *, address=None, tracking_uri=DEFAULT_TRACKING_URI, storage_
             if problems:
                 raise GridError(problems, grid.path)
             # "local": a fresh Ray of our own, never one that a crashed earlier `ray start` left behind
+            reap_killed_drivers()
             ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False)
+            _mark_session()
     problems = check_resources(grid, ray.cluster_resources())
     if problems and not address:
         raise GridError(problems, grid.path)
@@ -144,6 +263,12 @@ def run_sweep(grid, *, address=None, tracking_uri=DEFAULT_TRACKING_URI, storage_
 
     if resume:
         sweep_dir = find_sweep_dir(storage, grid.experiment, resume)
+        closed = {m for m, st in member_statuses(tracking_uri, grid.experiment, sweep_dir.name).items()
+                  if st in CLOSED_OK}
+        skipped = skip_finished_trials(sweep_dir, closed)
+        if skipped:
+            print(f"resume: {len(skipped)} trial(s) whose members had all finished are not run again "
+                  f"({', '.join(skipped)})", file=sys.stderr)
         tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
         sweep_id = sweep_dir.name
@@ -185,19 +310,29 @@ def run_sweep(grid, *, address=None, tracking_uri=DEFAULT_TRACKING_URI, storage_
         for node in ray.nodes():
             if node.get("Alive"):
                 get_reservoir(node["NodeID"]).pid.remote()
+    previous = signal.getsignal(signal.SIGTERM)
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main:
+        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)    # Ray's own handler would just exit
     try:
         results = tuner.fit()
     finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
         shutdown_reservoirs()
-    summary = summarise(results, tracking_uri, sweep_id, f"{storage}/{sweep_id}", grid.experiment,
-                        [mid for mid, _ in members])
-    return summary
+    try:
+        final = member_statuses(tracking_uri, grid.experiment, sweep_id)
+    except Exception:       # noqa: BLE001 - store still away: Tune's own record alone then
+        final = {}
+    return summarise(results, tracking_uri, sweep_id, f"{storage}/{sweep_id}", grid.experiment,
+                     [mid for mid, _ in members], final)
 
 
-def summarise(results, tracking_uri, sweep_id, sweep_dir, experiment, member_ids) -> dict:
+def summarise(results, tracking_uri, sweep_id, sweep_dir, experiment, member_ids, final=None) -> dict:
     """Member counts by final status. Every member of the grid is counted: Tune creates grid trials
     lazily, so after an interruption ``results`` may lack trials that never started; those members,
-    like any without a final status, are unfinished."""
+    like any without a final status, are unfinished. ``final`` (member id -> status in MLflow) counts
+    members whose trial Tune did not run again because MLflow had closed them (skip_finished_trials)."""
     counts = {"done": 0, "diverged": 0, "converged": 0, "failed": 0, "unfinished": 0}
     seen: set = set()
     for r in results:
@@ -213,6 +348,11 @@ def summarise(results, tracking_uri, sweep_id, sweep_dir, experiment, member_ids
             if s in ("done", "diverged", "converged", "failed"):
                 counts[s] += 1
                 seen.add(mid)
+    for mid in set(member_ids) - seen:
+        s = (final or {}).get(mid)
+        if s in CLOSED_OK:
+            counts[s] += 1
+            seen.add(mid)
     counts["unfinished"] += len(set(member_ids) - seen)
     return {"sweep_id": sweep_id, "sweep_dir": str(sweep_dir), "tracking_uri": tracking_uri,
             "experiment": experiment, "members": counts}

@@ -368,6 +368,20 @@ class MLflowTracker(Callback):
         return out
 
 
+def member_statuses(tracking_uri: str, experiment: str, sweep_id: str) -> dict[str, str]:
+    """{member id: thermosweep.status} of one sweep's member runs, as the store has them."""
+    for k, v in HTTP_ENV.items():
+        os.environ.setdefault(k, v)
+    from mlflow.tracking import MlflowClient
+    c = MlflowClient(tracking_uri=tracking_uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return {}
+    runs = c.search_runs([exp.experiment_id], max_results=50000, filter_string=(
+        f"tags.`thermosweep.sweep_id` = '{sweep_id}' and tags.`thermosweep.role` = 'member'"))
+    return {r.data.tags["thermosweep.member_id"]: r.data.tags.get("thermosweep.status", "pending") for r in runs}
+
+
 def apply_op(client, op: dict) -> None:
     """Send one queued write (a JSON-able dict, see ``MLflowTracker._write``) with ``client``."""
     kw = {k: v for k, v in op.items() if k not in ("op", "run_id")}

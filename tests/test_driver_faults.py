@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -204,3 +205,151 @@ def test_store_that_stays_down_spills_to_a_file_that_replay_writes(tmp_path, ser
         run = c.get_run(runs[mid].info.run_id)
         assert run.info.status == "FINISHED" and run.data.tags["thermosweep.status"] == "done"
     assert c.get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+# ----------------------------------------------------------------------------- a stale local Ray
+
+@pytest.fixture
+def ray_tmpdir():
+    """A private RAY_TMPDIR (short: Ray's socket paths must stay short); its Ray is ours alone."""
+    d = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    yield Path(d)
+    import shutil
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_stale_ray_address_file_does_not_hang_the_main_command(tmp_path, ray_tmpdir):
+    """A crashed `ray start` leaves ray_current_cluster behind; Ray 2.60's ray.init() without an address
+    reads $RAY_TMPDIR/ray/ray_current_cluster and waits for that GCS forever. The sweep must start its own."""
+    (ray_tmpdir / "ray").mkdir()
+    (ray_tmpdir / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
+    env = dict(repo_env(), RAY_TMPDIR=str(ray_tmpdir))
+    args = [sys.executable, "-m", "engine.sweep", str(DEMO), "--num-cpus", "1", "--num-gpus", "0", "--verbose", "0",
+            "--storage-path", str(tmp_path / "rr"), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}",
+            "--set", "experiment=stale", "--set", "iterations=20", "--set", "log_schedule=every:10",
+            "--set", "lr=0.1", "--set", "entropy=[]", "--set", "width=1", "--set", "num_stoch_grads=2"]
+    try:
+        p = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"the sweep hung on the stale cluster address:\n{e.stderr}") from None
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "1 done" in p.stdout
+
+
+# ----------------------------------------------------------------------------- kill -9 at the resume seam
+
+class KillAtSeam(Callback):
+    """Driver fault: SIGKILL the driver right after the tracker has closed ``trial_id``'s members (its
+    final result) and before Tune has recorded the trial as finished. Once only (``marker``)."""
+
+    def __init__(self, trial_id: str, marker: str):
+        self.trial_id, self.marker = trial_id, marker
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        statuses = result.get("status") or []
+        if (trial.config["trial"]["trial_id"] == self.trial_id and statuses
+                and all(s != "running" for s in statuses) and not os.path.exists(self.marker)):
+            Path(self.marker).write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+SEAM_SCRIPT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import engine.trainable
+from test_engine import recording_trainable
+engine.trainable.train_bundle = recording_trainable({rec!r})
+from test_driver_faults import KillAtSeam
+from engine.config import load_grid
+from engine.sweep import run_sweep
+grid = load_grid({grid!r}, overrides={overrides!r})
+s = run_sweep(grid, tracking_uri={uri!r}, storage_path={storage!r}, resume=(sys.argv[1] if len(sys.argv) > 1 else None),
+              max_concurrent=1, num_cpus=1, num_gpus=0, verbose=0, _callbacks=[KillAtSeam("t001", {marker!r})])
+print("SUMMARY" + json.dumps(s))
+"""
+
+
+def _session_processes(ray_root: Path) -> dict[str, list[int]]:
+    from engine.sweep import _processes_of
+    return {d.name: _processes_of(str(d)) for d in ray_root.glob("session_2*")}
+
+
+def test_driver_killed_between_tracker_and_tune_resumes_without_rerunning(tmp_path, tracking_uri, ray_tmpdir):
+    from engine.sweep import DRIVER_MARK
+    from mlflow.tracking import MlflowClient
+    from test_engine import _records
+    from trainables.schedule import log_iterations
+
+    rec = tmp_path / "records"
+    rec.mkdir()
+    marker = tmp_path / "killed"
+    overrides = ["experiment=seam", "iterations=60", "log_schedule=every:10", "checkpoint_every=20",
+                 "lr=[0.05, 0.1, 0.2]", *TINY]
+    script = tmp_path / "seam.py"
+    script.write_text(SEAM_SCRIPT.format(tests=str(REPO / "tests"), rec=str(rec), grid=str(DEMO), overrides=overrides,
+                                         uri=tracking_uri, storage=str(tmp_path / "rr"), marker=str(marker)))
+    env = dict(repo_env(), RAY_TMPDIR=str(ray_tmpdir))
+    first = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=400)
+    assert first.returncode == -signal.SIGKILL and marker.exists(), first.stdout[-2000:] + first.stderr[-3000:]
+    killed_session = [d.parent for d in (ray_tmpdir / "ray").glob(f"session_2*/{DRIVER_MARK}")]
+    assert len(killed_session) == 1
+
+    # the seam: MLflow has closed t001's member, Tune's saved state has not finished the trial
+    _, children = mlflow_member_runs(tracking_uri, "seam")
+    assert children["m0001"].data.tags["thermosweep.status"] == "done"
+    started_before = [r["trial_id"] for r in _records(rec)]
+    assert started_before == ["t000", "t001"], started_before
+    series_before = metric_history(tracking_uri, children["m0001"].info.run_id, "train_loss")
+
+    again = subprocess.run([sys.executable, str(script), "latest"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=400)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    summary = json.loads(again.stdout.split("SUMMARY")[-1])
+    assert summary["members"] == {"done": 3, "diverged": 0, "converged": 0, "failed": 0, "unfinished": 0}
+    later = [r["trial_id"] for r in _records(rec)][len(started_before):]
+    assert sorted(r["trial_id"] for r in _records(rec)) == ["t000", "t001", "t002"], later   # t001 not again
+    assert re.search(r"not run again \([^)]*t001", again.stderr), again.stderr[-3000:]
+
+    # nothing of the killed driver's Ray is left, and the sweep is closed in MLflow
+    assert _session_processes(ray_tmpdir / "ray")[killed_session[0].name] == []
+    parent, children = mlflow_member_runs(tracking_uri, "seam")
+    c = MlflowClient(tracking_uri=tracking_uri)
+    steps = log_iterations("every:10", 60)
+    for mid, run in children.items():
+        run = c.get_run(run.info.run_id)
+        assert run.info.status == "FINISHED" and run.data.tags["thermosweep.status"] == "done", mid
+        assert [s for s, _ in metric_history(tracking_uri, run.info.run_id, "train_loss")] == steps, mid
+    assert metric_history(tracking_uri, children["m0001"].info.run_id, "train_loss") == series_before
+    assert c.get_run(parent.info.run_id).info.status == "FINISHED"
+    assert c.get_run(parent.info.run_id).data.tags["thermosweep.sweep_status"] == "finished"
+
+
+def test_next_start_stops_what_a_killed_driver_left(ray_tmpdir, monkeypatch):
+    """Where SIGKILL of the driver leaves processes of its local Ray behind (the issue saw Ray's agents),
+    the next start stops them: only sessions marked by a driver of ours whose process is gone."""
+    from engine.sweep import DRIVER_MARK, reap_killed_drivers
+
+    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmpdir))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    sessions = {}
+    for name, owner in (("session_2026-01-01_00-00-00_1_1", int(dead.stdout)), ("session_2026-01-01_00-00-00_2_2",
+                                                                                  os.getpid())):
+        d = ray_tmpdir / "ray" / name
+        (d / "logs").mkdir(parents=True)
+        (d / DRIVER_MARK).write_text(json.dumps({"pid": owner}))
+        # a stand-in for a Ray agent: a real process naming its session directory, as Ray's do
+        sessions[name] = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)",
+                                           f"--log-dir={d}/logs"])
+    orphan, alive = sessions.values()
+    try:
+        reaped = reap_killed_drivers()
+        assert reaped == [orphan.pid]
+        assert orphan.wait(30) == -signal.SIGKILL
+        assert alive.poll() is None                         # its driver (this process) still runs
+        assert not (ray_tmpdir / "ray" / "session_2026-01-01_00-00-00_1_1" / DRIVER_MARK).exists()
+    finally:
+        for p in sessions.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
