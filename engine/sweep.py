@@ -25,6 +25,7 @@ from engine.preflight import check_address, check_datasets, check_experiment, ch
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_STORAGE = "ray_results"
+STORAGE_ENV = "THERMOSWEEP_STORAGE"     # set on a cluster's head by cluster.yaml: the shared sweep storage
 CLOSED_OK = ("done", "diverged", "converged")     # a member that ended by itself (not "failed")
 DRIVER_MARK = "thermosweep_driver.json"           # in the session directory of a local Ray we started
 
@@ -128,8 +129,44 @@ def _absolute_sqlite(uri: str) -> str:
     return uri
 
 
-def storage_for(storage_path, grid) -> str:
-    return str(storage_path or grid.storage_path or DEFAULT_STORAGE)
+def storage_for(storage_path, grid, address=None) -> str:
+    """--storage-path, else the grid's, else on a cluster the shared path its head announces in
+    $THERMOSWEEP_STORAGE (cluster.yaml sets it), else ./ray_results."""
+    shared = os.environ.get(STORAGE_ENV) if address else None
+    return str(storage_path or grid.storage_path or shared or DEFAULT_STORAGE)
+
+
+def check_storage_on_nodes(storage: Path, timeout: float = 120.0) -> list[str]:
+    """Every alive node must see the storage directory: a marker written here is looked for by one tiny
+    task pinned to each node. A path only the head sees would fail the trials at their first checkpoint."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    marker = storage / f".thermosweep-visible-{uuid.uuid4().hex}"
+    marker.write_text(marker.name)
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def sees(path: str, text: str) -> bool:
+        try:
+            return open(path).read() == text
+        except OSError:
+            return False
+
+    try:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        refs = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(str(marker), marker.name) for n in nodes]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        blind = [n["NodeManagerAddress"] for n, r in zip(nodes, refs) if r not in ready or not ray.get(r)]
+    finally:
+        marker.unlink(missing_ok=True)
+    if not blind:
+        return []
+    return [f"storage path: {storage} is not visible on node(s) {', '.join(blind)} (trials there could not save "
+            f"checkpoints); use a directory on the cluster's shared filesystem: --storage-path, storage_path: "
+            f"in the grid, or ${STORAGE_ENV} on the head (cluster.yaml sets it)"]
 
 
 def check_inputs(grid, *, tracking_uri, storage, address=None, resume=None) -> tuple[list[str], list[str]]:
@@ -212,7 +249,7 @@ def run_sweep(grid, *, address=None, tracking_uri=DEFAULT_TRACKING_URI, storage_
     """Run (or resume) a sweep; returns a summary dict. Starts Ray if it is not running yet.
     Raises GridError (nothing started) when an input is unusable; ``main`` has checked them already.
     ``_callbacks``: extra Tune callbacks after the tracker (tests inject driver faults with them)."""
-    where = storage_for(storage_path, grid)
+    where = storage_for(storage_path, grid, address)
     if not _checked:
         problems, _ = check_inputs(grid, tracking_uri=tracking_uri, storage=where, address=address, resume=resume)
         if problems:
@@ -224,7 +261,7 @@ def run_sweep(grid, *, address=None, tracking_uri=DEFAULT_TRACKING_URI, storage_
     from ray import tune
 
     from engine.reservoir import get_reservoir, shutdown_reservoirs
-    from engine.tracking import MLflowTracker, member_statuses, source_tags
+    from engine.tracking import MLflowTracker, member_statuses, source_info, source_tags
     from engine.trainable import train_bundle
 
     if not ray.is_initialized():
@@ -256,6 +293,10 @@ def run_sweep(grid, *, address=None, tracking_uri=DEFAULT_TRACKING_URI, storage_
     else:
         storage = Path(where).resolve()
         storage.mkdir(parents=True, exist_ok=True)
+        if address and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
+            problems = check_storage_on_nodes(storage)
+            if problems:
+                raise GridError(problems, grid.path)
     res = {"cpu": float(grid.resources.get("cpu", 1)), "gpu": float(grid.resources.get("gpu", 0))}
     trainable = tune.with_resources(train_bundle, res)
     trials = grid.trials()
@@ -274,11 +315,13 @@ def run_sweep(grid, *, address=None, tracking_uri=DEFAULT_TRACKING_URI, storage_
         sweep_id = sweep_dir.name
     else:
         sweep_id = f"{grid.experiment}_{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        source = source_info(Path(__file__).resolve().parents[1])
         tracker = MLflowTracker(
             tracking_uri=tracking_uri, experiment=grid.experiment, grid_text=grid.source_text,
             grid_name=Path(grid.path).name if grid.path else grid.experiment, members=members,
             sweep_id=sweep_id,
-            tags={**source_tags(Path(__file__).parent), "mlflow.note.content": grid.description or ""},
+            tags={**source_tags(source), "mlflow.note.content": grid.description or ""},
+            artifacts={"git.diff": source["diff"]} if source.get("diff") else None,
             spill_dir=str(storage) if "://" not in str(storage) else None,
             params={"bundle": grid.bundle, "n_members": len(members), "n_trials": len(trials),
                     "axes": {k: v for k, v in grid.axes.items()}, "overrides": grid.overrides,
@@ -375,7 +418,7 @@ def main(argv=None) -> int:
     for w in grid.warnings:
         print(f"warning: {w}", file=sys.stderr)
     uri = _absolute_sqlite(tracking_uri_for(args, grid))
-    problems, notes = check_inputs(grid, tracking_uri=uri, storage=storage_for(args.storage_path, grid),
+    problems, notes = check_inputs(grid, tracking_uri=uri, storage=storage_for(args.storage_path, grid, args.address),
                                    address=args.address, resume=args.resume)
     if problems:
         print(f"error: the sweep of {args.grid} cannot start, {len(problems)} problem(s):", file=sys.stderr)

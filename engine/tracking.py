@@ -59,14 +59,36 @@ def git_commit(path: Path) -> str:
     return _git(path, "rev-parse", "HEAD").strip() or "unknown"
 
 
-def source_tags(path: Path, entry_point: str = "engine.sweep") -> dict:
-    """MLflow's standard ``mlflow.source.*`` tags for a sweep started from the checkout at ``path``."""
+SOURCE_FILE = "thermosweep_source.json"     # the submitting machine's git state, shipped in the working dir
+
+
+def source_info(path: Path) -> dict:
+    """{"commit", "branch", "diff"} of the code that runs: the checkout at ``path`` when it is a git
+    work tree; else the file ``record_source`` wrote on the submitting machine (``ray job submit
+    --working-dir .`` uploads no .git), found in the working directory; else $THERMOSWEEP_GIT_COMMIT."""
+    commit = _git(path, "rev-parse", "HEAD").strip()
+    if commit:
+        branch = _git(path, "rev-parse", "--abbrev-ref", "HEAD").strip()
+        return {"commit": commit, "branch": "" if branch == "HEAD" else branch, "diff": _git(path, "diff", "HEAD")}
+    shipped = Path.cwd() / SOURCE_FILE
+    if shipped.is_file():
+        return json.loads(shipped.read_text())
+    return {"commit": os.environ.get("THERMOSWEEP_GIT_COMMIT", "unknown"), "branch": "", "diff": ""}
+
+
+def record_source(path: Path, out: Path) -> dict:
+    """On the submitting machine: write the checkout's commit, branch and uncommitted diff to ``out``."""
+    info = source_info(path)
+    out.write_text(json.dumps(info))
+    return info
+
+
+def source_tags(info: dict, entry_point: str = "engine.sweep") -> dict:
+    """MLflow's standard ``mlflow.source.*`` tags for a sweep of the code described by ``info``."""
     from mlflow.utils import mlflow_tags as t
-    tags = {t.MLFLOW_SOURCE_NAME: entry_point, t.MLFLOW_SOURCE_TYPE: "LOCAL",
-            t.MLFLOW_GIT_COMMIT: git_commit(path)}
-    branch = _git(path, "rev-parse", "--abbrev-ref", "HEAD").strip()
-    if branch and branch != "HEAD":
-        tags[t.MLFLOW_GIT_BRANCH] = branch
+    tags = {t.MLFLOW_SOURCE_NAME: entry_point, t.MLFLOW_SOURCE_TYPE: "LOCAL", t.MLFLOW_GIT_COMMIT: info["commit"]}
+    if info.get("branch"):
+        tags[t.MLFLOW_GIT_BRANCH] = info["branch"]
     return tags
 
 
@@ -87,7 +109,7 @@ class MLflowTracker(Callback):
 
     def __init__(self, tracking_uri: str, experiment: str, grid_text: str, grid_name: str,
                  members: list[tuple[str, dict]], sweep_id: str, tags: dict | None = None,
-                 params: dict | None = None, spill_dir: str | None = None):
+                 params: dict | None = None, spill_dir: str | None = None, artifacts: dict | None = None):
         self.tracking_uri, self.experiment, self.grid_text = tracking_uri, experiment, grid_text
         self.grid_name, self.members, self.sweep_id = grid_name, members, sweep_id
         self.tags, self.params = dict(tags or {}), dict(params or {})
@@ -99,6 +121,7 @@ class MLflowTracker(Callback):
         self.status: dict[str, str] = {}
         self.d_logged: set[str] = set()
         self.spill_dir = spill_dir
+        self.artifacts = {"grid.yaml": grid_text, **(artifacts or {})}     # text files of the parent run
         self._client = None
         self._queue: collections.deque = collections.deque()
         self._down_since: float | None = None
@@ -219,7 +242,8 @@ class MLflowTracker(Callback):
                 "thermosweep.role": "sweep", "thermosweep.sweep_id": self.sweep_id,
                 "thermosweep.grid": self.grid_name, **self.tags, **self.source_tags})
             self.parent_id = run.info.run_id
-            c.log_text(self.parent_id, self.grid_text, "grid.yaml")
+            for name, text in self.artifacts.items():
+                c.log_text(self.parent_id, text, name)
             self._log_params(self.parent_id, self.params)
         c.set_tag(self.parent_id, "thermosweep.sweep_status", "running")
         existing = {r.data.tags.get("thermosweep.member_id"): r for r in c.search_runs(
@@ -442,7 +466,14 @@ def main(argv=None) -> int:
     r = sub.add_parser("replay", help="send the writes saved in FILE (mlflow-buffer-*.jsonl), in order")
     r.add_argument("file")
     r.add_argument("--tracking-uri", required=True)
+    rs = sub.add_parser("record-source", help=f"write this checkout's commit and diff to ./{SOURCE_FILE}, for "
+                                             "`ray job submit --working-dir .` (whose upload has no .git)")
+    rs.add_argument("--repo", default=".", help="the checkout (default: the current directory)")
     args = p.parse_args(argv)
+    if args.command == "record-source":
+        info = record_source(Path(args.repo), Path.cwd() / SOURCE_FILE)
+        print(f"{SOURCE_FILE}: commit {info['commit']}" + (" (uncommitted changes recorded)" if info["diff"] else ""))
+        return 0
     if not Path(args.file).is_file():
         print(f"error: {args.file} not found (nothing to replay)", file=sys.stderr)
         return 2

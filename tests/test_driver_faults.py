@@ -353,3 +353,43 @@ def test_next_start_stops_what_a_killed_driver_left(ray_tmpdir, monkeypatch):
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+# ----------------------------------------------------------------------------- MLflow as its users know it
+
+def test_mlflow_layout_uses_mlflow_conventions(tmp_path, tracking_uri, monkeypatch):
+    """Experiment kind for MLflow 3's UI (the value its UI names CUSTOM_MODEL_DEVELOPMENT), members
+    SCHEDULED until their trial starts, the description as the run note, mlflow.source.* tags, and the
+    submitting machine's git state reaching a driver that runs without .git."""
+    from mlflow.tracking import MlflowClient
+
+    from engine.tracking import SOURCE_FILE, MLflowTracker, source_info, source_tags
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    submit = tmp_path / "upload"                # what `ray job submit --working-dir .` ships: no .git
+    submit.mkdir()
+    p = subprocess.run([sys.executable, "-m", "engine.tracking", "record-source", "--repo", str(REPO)], cwd=submit,
+                       env=repo_env(), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    monkeypatch.chdir(submit)
+    info = source_info(submit)
+    assert info["commit"] == head and (submit / SOURCE_FILE).is_file()
+
+    info = dict(info, diff="diff --git a/x b/x\n+dirty\n")
+    members = [("m0000", {"lr": 0.1}), ("m0001", {"lr": 0.2})]
+    tr = MLflowTracker(tracking_uri, "layout", "grid: text", "g.yaml", members, "layout_1",
+                       tags={**source_tags(info), "mlflow.note.content": "what this sweep is for"},
+                       artifacts={"git.diff": info["diff"]})
+    tr.open()
+    c = MlflowClient(tracking_uri=tracking_uri)
+    assert c.get_experiment_by_name("layout").tags["mlflow.experimentKind"] == "custom_model_development"
+    parent, runs = mlflow_member_runs(tracking_uri, "layout")
+    for run in [parent, *runs.values()]:
+        assert run.data.tags["mlflow.source.git.commit"] == head
+        assert run.data.tags["mlflow.source.name"] == "engine.sweep"
+    assert parent.data.tags["mlflow.note.content"] == "what this sweep is for"
+    assert sorted(a.path for a in c.list_artifacts(parent.info.run_id)) == ["git.diff", "grid.yaml"]
+    assert {m: r.info.status for m, r in runs.items()} == {"m0000": "SCHEDULED", "m0001": "SCHEDULED"}
+    tr._set_status("m0000", "running")
+    assert c.get_run(runs["m0000"].info.run_id).info.status == "RUNNING"
+    assert c.get_run(runs["m0001"].info.run_id).info.status == "SCHEDULED"
