@@ -393,3 +393,68 @@ def test_mlflow_layout_uses_mlflow_conventions(tmp_path, tracking_uri, monkeypat
     tr._set_status("m0000", "running")
     assert c.get_run(runs["m0000"].info.run_id).info.status == "RUNNING"
     assert c.get_run(runs["m0001"].info.run_id).info.status == "SCHEDULED"
+
+
+# ----------------------------------------------------------------------------- storage across nodes
+
+def _alive_nodes(address: str, env: dict) -> int:
+    code = ("import ray; ray.init(address=%r, log_to_driver=False); "
+            "print('NODES', sum(n['Alive'] for n in ray.nodes()))" % address)
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    return int(p.stdout.split("NODES")[-1]) if "NODES" in p.stdout else 0
+
+
+def test_storage_that_a_worker_node_cannot_see_is_refused(tmp_path, ray_tmpdir):
+    """A two-node Ray on this machine; the worker node runs in its own mount namespace where the head's
+    storage directory is covered by an empty tmpfs: exactly what a worker sees of a head-local path."""
+    from engine.sweep import STORAGE_ENV, _processes_of
+
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    hidden, shared = tmp_path / "head_only", tmp_path / "shared"
+    hidden.mkdir()
+    # loopback only; without this the joining node would need the head's generated auth token
+    env = dict(repo_env(), RAY_TMPDIR=str(ray_tmpdir), RAY_AUTH_MODE="disabled")
+    worker = None
+    try:
+        subprocess.run([ray_cli, "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
+                        "--num-cpus", "1", "--num-gpus", "0", "--include-dashboard", "false"],
+                       env=env, check=True, capture_output=True, timeout=180)
+        worker = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                                   f"mount -t tmpfs none {hidden} && exec {ray_cli} start --address {address} "
+                                   "--node-ip-address 127.0.0.1 --num-cpus 1 --num-gpus 0 --block"],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  start_new_session=True)
+        deadline = time.monotonic() + 180
+        while _alive_nodes(address, env) < 2:
+            assert time.monotonic() < deadline and worker.poll() is None, "the worker node did not join"
+        sweep = [sys.executable, "-m", "engine.sweep", str(DEMO), "--address", address, "--verbose", "0",
+                 "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--set", "experiment=nodes",
+                 "--set", "iterations=20", "--set", "log_schedule=every:10", "--set", "lr=0.1",
+                 "--set", "entropy=[]", "--set", "width=1", "--set", "num_stoch_grads=2"]
+        refused = subprocess.run(sweep + ["--storage-path", str(hidden)], cwd=tmp_path, env=env,
+                                 capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-3000:]
+        assert "not visible on node" in refused.stderr and STORAGE_ENV in refused.stderr
+        assert list(hidden.iterdir()) == []                             # no trial started, marker removed
+
+        on_cluster = dict(env, **{STORAGE_ENV: str(shared)})            # as cluster.yaml sets it on the head
+        ran = subprocess.run(sweep, cwd=tmp_path, env=on_cluster, capture_output=True, text=True, timeout=300)
+        assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-3000:]
+        sweeps = [d.name for d in shared.iterdir() if (d / "tuner.pkl").exists()]
+        assert len(sweeps) == 1 and not (tmp_path / "ray_results").exists()
+        resumed = subprocess.run(sweep + ["--resume"], cwd=tmp_path, env=on_cluster, capture_output=True,
+                                 text=True, timeout=300)
+        assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+        assert sweeps[0] in resumed.stdout
+    finally:
+        if worker is not None and worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+        for d in (ray_tmpdir / "ray").glob("session_2*"):                # this test's Ray, nothing else
+            for pid in _processes_of(str(d)):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
