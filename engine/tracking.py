@@ -253,7 +253,7 @@ class MLflowTracker(Callback):
             if run is not None:
                 self.child[member_id] = run.info.run_id
                 self.status[member_id] = run.data.tags.get("thermosweep.status", "pending")
-                if self.status[member_id] in ("pending", "running") and run.info.status == "RUNNING":
+                if self.status[member_id] in ("pending", "running") and run.info.status in ("RUNNING", "KILLED"):
                     c.update_run(run.info.run_id, status="SCHEDULED")     # until its trial starts again
                 hist = c.get_metric_history(run.info.run_id, "radius")
                 if hist:
@@ -381,6 +381,9 @@ class MLflowTracker(Callback):
         if self.parent_id is None:
             return
         unfinished = [m for m, s in self.status.items() if s in ("pending", "running")]
+        for m in unfinished:
+            if self.status[m] == "running":          # stopped mid-run: KILLED until a resume restarts it
+                self._write("set_terminated", self.child[m], status="KILLED")
         self._write("set_tag", self.parent_id, key="thermosweep.sweep_status",
                     value="interrupted" if unfinished else "finished")
         self._write("set_terminated", self.parent_id, status="KILLED" if unfinished else "FINISHED")

@@ -458,3 +458,47 @@ def test_storage_that_a_worker_node_cannot_see_is_refused(tmp_path, ray_tmpdir):
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+
+
+# ----------------------------------------------------------------------------- SIGTERM of the driver
+
+def test_sigterm_stops_the_sweep_like_ctrl_c_and_closes_what_it_started(tmp_path, ray_tmpdir):
+    from mlflow.tracking import MlflowClient
+
+    from engine.sweep import _processes_of
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    args = [sys.executable, "-m", "engine.sweep", str(DEMO), "--num-cpus", "1", "--num-gpus", "0", "--verbose", "0",
+            "--storage-path", str(tmp_path / "rr"), "--tracking-uri", uri, "--set", "experiment=term",
+            "--set", "iterations=100000", "--set", "log_schedule=every:50", "--set", "checkpoint_every=200",
+            "--set", "lr=0.1", "--set", "entropy=[]", "--set", "width=1", "--set", "num_stoch_grads=2"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=dict(repo_env(), RAY_TMPDIR=str(ray_tmpdir)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:               # wait until the member is training and has logged something
+            assert proc.poll() is None and time.monotonic() < deadline, "the sweep did not start"
+            try:
+                _, runs = mlflow_member_runs(uri, "term")
+                if metric_history(uri, runs["m0000"].info.run_id, "train_loss"):
+                    break
+            except Exception:     # store or runs not there yet
+                pass
+            time.sleep(0.5)       # polling interval, not synchronisation
+        sessions = [d for d in (ray_tmpdir / "ray").glob("session_2*")]
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, out[-3000:]                     # interrupted: unfinished members, not success
+    parent, runs = mlflow_member_runs(uri, "term")
+    c = MlflowClient(tracking_uri=uri)
+    assert c.get_run(parent.info.run_id).info.status == "KILLED"
+    assert c.get_run(parent.info.run_id).data.tags["thermosweep.sweep_status"] == "interrupted"
+    member = c.get_run(runs["m0000"].info.run_id)
+    assert member.info.status == "KILLED" and member.data.tags["thermosweep.status"] == "running"
+    deadline = time.monotonic() + 60
+    while any(_processes_of(str(d)) for d in sessions):          # Ray's shutdown ends its processes
+        assert time.monotonic() < deadline, [_processes_of(str(d)) for d in sessions]
+        time.sleep(0.5)
