@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+STORAGE_ENV = "THERMOSWEEP_STORAGE"     # set on a cluster's head by cluster.yaml: the shared sweep storage
 CONNECT_TIMEOUT_S = 10.0        # bound on any one network probe (tracking server, Ray, data source)
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 STORAGE_URI_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss")   # handed to Tune/pyarrow as they are
@@ -66,6 +67,40 @@ def check_storage(where: str) -> list[str]:
                     f"shared filesystem) or one of {', '.join(s + '://' for s in STORAGE_URI_SCHEMES)}"]
     return _writable_dir_problem("storage path", Path(text).expanduser().resolve(),
                                  "pass --storage-path DIR (or storage_path: in the grid) with a writable directory")
+
+
+def check_storage_on_nodes(storage: Path, timeout: float = 120.0) -> list[str]:
+    """On a running multi-node Ray: every alive node must see the storage directory. A marker written
+    here is looked for by one tiny task pinned to each node (a path only the head sees would fail the
+    trials at their first checkpoint). The marker is removed again."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    marker = storage / f".thermosweep-visible-{uuid.uuid4().hex}"
+    marker.write_text(marker.name)
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def sees(path: str, text: str) -> bool:
+        try:
+            return open(path).read() == text
+        except OSError:
+            return False
+
+    try:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        refs = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(str(marker), marker.name) for n in nodes]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        blind = [n["NodeManagerAddress"] for n, r in zip(nodes, refs) if r not in ready or not ray.get(r)]
+    finally:
+        marker.unlink(missing_ok=True)
+    if not blind:
+        return []
+    return [f"storage path: {storage} is not visible on node(s) {', '.join(blind)} (trials there could not save "
+            f"checkpoints); use a directory on the cluster's shared filesystem: --storage-path, storage_path: "
+            f"in the grid, or ${STORAGE_ENV} on the head (cluster.yaml sets it)"]
 
 
 # ---------------------------------------------------------------------------------------- tracking

@@ -21,11 +21,11 @@ import threading
 from pathlib import Path
 
 from engine.config import GridError, check_resources, load_grid
-from engine.preflight import check_address, check_datasets, check_experiment, check_storage, check_tracking_uri
+from engine.preflight import (STORAGE_ENV, check_address, check_datasets, check_experiment, check_storage,
+                              check_storage_on_nodes, check_tracking_uri)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_STORAGE = "ray_results"
-STORAGE_ENV = "THERMOSWEEP_STORAGE"     # set on a cluster's head by cluster.yaml: the shared sweep storage
 CLOSED_OK = ("done", "diverged", "converged")     # a member that ended by itself (not "failed")
 DRIVER_MARK = "thermosweep_driver.json"           # in the session directory of a local Ray we started
 
@@ -134,39 +134,6 @@ def storage_for(storage_path, grid, address=None) -> str:
     $THERMOSWEEP_STORAGE (cluster.yaml sets it), else ./ray_results."""
     shared = os.environ.get(STORAGE_ENV) if address else None
     return str(storage_path or grid.storage_path or shared or DEFAULT_STORAGE)
-
-
-def check_storage_on_nodes(storage: Path, timeout: float = 120.0) -> list[str]:
-    """Every alive node must see the storage directory: a marker written here is looked for by one tiny
-    task pinned to each node. A path only the head sees would fail the trials at their first checkpoint."""
-    import uuid
-
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    marker = storage / f".thermosweep-visible-{uuid.uuid4().hex}"
-    marker.write_text(marker.name)
-
-    @ray.remote(num_cpus=0, max_retries=0)
-    def sees(path: str, text: str) -> bool:
-        try:
-            return open(path).read() == text
-        except OSError:
-            return False
-
-    try:
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
-        refs = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                .remote(str(marker), marker.name) for n in nodes]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
-        blind = [n["NodeManagerAddress"] for n, r in zip(nodes, refs) if r not in ready or not ray.get(r)]
-    finally:
-        marker.unlink(missing_ok=True)
-    if not blind:
-        return []
-    return [f"storage path: {storage} is not visible on node(s) {', '.join(blind)} (trials there could not save "
-            f"checkpoints); use a directory on the cluster's shared filesystem: --storage-path, storage_path: "
-            f"in the grid, or ${STORAGE_ENV} on the head (cluster.yaml sets it)"]
 
 
 def check_inputs(grid, *, tracking_uri, storage, address=None, resume=None) -> tuple[list[str], list[str]]:
