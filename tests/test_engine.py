@@ -88,7 +88,8 @@ def test_demo_grid_end_to_end(ray_session, tmp_path, monkeypatch):
     assert parent.data.tags["thermosweep.role"] == "sweep"
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     assert parent.data.tags["mlflow.source.git.commit"] == head
-    assert [a.path for a in c.list_artifacts(parent.info.run_id)] == ["grid.yaml"]
+    dirty = subprocess.run(["git", "diff", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout != ""
+    assert sorted(a.path for a in c.list_artifacts(parent.info.run_id)) == ["git.diff"] * dirty + ["grid.yaml"]
     assert c.get_run(parent.info.run_id).info.status == "FINISHED"
     assert c.get_run(parent.info.run_id).data.tags["thermosweep.sweep_status"] == "finished"
 
