@@ -147,9 +147,8 @@ def check_tracking_uri(uri: str, timeout: float = CONNECT_TIMEOUT_S) -> list[str
 def _probe_tracking_server(uri: str, timeout: float) -> list[str]:
     """One bounded request to the MLflow server's health endpoint (it answers ``OK``)."""
     url = uri.rstrip("/") + "/health"
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))   # a loopback server needs no proxy
-    try:
-        with opener.open(url, timeout=timeout) as r:
+    try:            # through the same proxies (environment) that MLflow's client will use
+        with urllib.request.urlopen(url, timeout=timeout) as r:
             body = r.read(64).decode(errors="replace").strip()
         if body == "OK":
             return []
