@@ -87,8 +87,9 @@ def test_demo_grid_end_to_end(ray_session, tmp_path, monkeypatch):
     c = MlflowClient(tracking_uri=uri)
     assert parent.data.tags["thermosweep.role"] == "sweep"
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    assert parent.data.tags["thermosweep.git_commit"] == head
-    assert [a.path for a in c.list_artifacts(parent.info.run_id)] == ["grid.yaml"]
+    assert parent.data.tags["mlflow.source.git.commit"] == head
+    dirty = subprocess.run(["git", "diff", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout != ""
+    assert sorted(a.path for a in c.list_artifacts(parent.info.run_id)) == ["git.diff"] * dirty + ["grid.yaml"]
     assert c.get_run(parent.info.run_id).info.status == "FINISHED"
     assert c.get_run(parent.info.run_id).data.tags["thermosweep.sweep_status"] == "finished"
 
