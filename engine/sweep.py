@@ -141,8 +141,10 @@ def storage_for(storage_path, grid, address=None) -> str:
     return str(storage_path or grid.storage_path or shared or DEFAULT_STORAGE)
 
 
-def check_inputs(grid, *, tracking_uri, storage, address=None, resume=None) -> tuple[list[str], list[str]]:
-    """(problems, notes) about every path-, URI- and data-like input (engine.preflight); nothing starts."""
+def check_inputs(grid, *, tracking_uri, storage, address=None, resume=None,
+                 dry_run=False) -> tuple[list[str], list[str]]:
+    """(problems, notes) about every path-, URI- and data-like input (engine.preflight); nothing starts.
+    A dry run plans for wherever the grid will run, so data missing here is a note there, not a problem."""
     problems = (check_experiment(grid.experiment) + check_storage(storage) + check_tracking_uri(tracking_uri)
                 + check_address(address))
     if resume and not problems and "://" not in storage:
@@ -151,6 +153,8 @@ def check_inputs(grid, *, tracking_uri, storage, address=None, resume=None) -> t
         except FileNotFoundError as e:
             problems.append(str(e))
     data_problems, notes = check_datasets(grid, on_cluster=bool(address))
+    if dry_run:
+        return problems, notes + [f"a run on this machine would stop here: {p}" for p in data_problems]
     return problems + data_problems, notes
 
 
@@ -421,7 +425,7 @@ def main(argv=None) -> int:
         print(f"warning: {w}", file=sys.stderr)
     uri = _absolute_sqlite(tracking_uri_for(args, grid))
     problems, notes = check_inputs(grid, tracking_uri=uri, storage=storage_for(args.storage_path, grid, args.address),
-                                   address=args.address, resume=args.resume)
+                                   address=args.address, resume=args.resume, dry_run=args.dry_run)
     if problems:
         print(f"error: the sweep of {args.grid} cannot start, {len(problems)} problem(s):", file=sys.stderr)
         for problem in problems:

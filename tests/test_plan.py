@@ -188,11 +188,11 @@ def test_throughput_between_table_widths_is_between_their_speeds():
     assert plan.iterations_per_second(cfg, "T4")[0] == pytest.approx(its * 0.5)
 
 
-def test_plan_says_where_results_go(monkeypatch):
-    monkeypatch.setenv("THERMOSWEEP_STORAGE", "/shared/sweeps")
-    rc, out, _ = run_cli(str(GRIDS / "demo.yaml"), "--dry-run", "--tracking-uri", "http://127.0.0.1:5000")
+def test_plan_says_where_results_go(tmp_path):
+    uri, sweeps = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "sweeps"
+    rc, out, _ = run_cli(str(GRIDS / "demo.yaml"), "--dry-run", "--tracking-uri", uri, "--storage-path", str(sweeps))
     assert rc == 0
-    assert "results: MLflow http://127.0.0.1:5000" in out and "checkpoints: /shared/sweeps" in out
+    assert f"results: MLflow {uri}" in out and f"checkpoints: {sweeps}" in out
 
 
 # ----------------------------------------------------------------------------- start-up check

@@ -102,7 +102,6 @@ def checked(tmp_path_factory):
     ("ray_down", ["Ray address", "nothing answers", "--address"]),
     ("ray_down_env", ["Ray address", "RAY_ADDRESS"]),
     ("cifar_missing", ["dataset cifar10", "cifar-10-batches-py", "cannot be reached", "empty"]),
-    ("cifar_missing_dry", ["dataset cifar10", "cannot be reached"]),
 ])
 def test_bad_input_exits_2_before_anything_starts(checked, case, words):
     d, results = checked
@@ -114,6 +113,19 @@ def test_bad_input_exits_2_before_anything_starts(checked, case, words):
     assert r["ray"] is False and r["files"] == [], r
     assert r["seconds"] < 30, r                                   # every probe is bounded
     assert not (d.parent / "escape").exists() and not (d / "escape").exists()
+
+
+def test_dry_run_plans_without_local_data_and_says_a_local_run_would_stop(checked):
+    """A dry run plans for the cluster (where the head fetches CIFAR once); data missing on this
+    machine is said, once, as a note, and the plan is still printed."""
+    _, results = checked
+    r = results["cifar_missing_dry"]
+    assert r["rc"] == 0, r
+    assert "t000" in r["stdout"] and "launch plan" in r["stdout"]
+    for w in ("a run on this machine would stop here", "dataset cifar10", "cannot be reached"):
+        assert w in r["stderr"], (w, r["stderr"])
+    assert r["stderr"].count("dataset cifar10") == 1, r["stderr"]
+    assert r["ray"] is False and r["files"] == [], r
 
 
 def test_good_inputs_pass_and_the_cluster_case_says_where_data_is_expected(checked):
