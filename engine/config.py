@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from trainables import optimizers
 from trainables.defaults import DEFAULT_KS, MEMBER_DEFAULTS  # one source of defaults
 from trainables.runner import bundle_conflicts
 from trainables.schedule import log_iterations, window_complete
@@ -57,6 +58,7 @@ VALID = {
     "log_schedule": {"free_energy", "ideal_gas", "sphere_toy", "every:N", "log:N"},
     "setting": {"up", "op"},
     "dtype": {"float32", "float64"},
+    "optimizer": set(optimizers.OPTIMIZERS),
     "entropy": set(ENTROPY_DEFAULTS),
 }
 
@@ -266,6 +268,11 @@ KEY_CHECKS = {
     "data_dir": _text("data_dir"),
     "device": _device,
     "dtype": _choice("dtype"),
+    "optimizer": _choice("optimizer"),
+    "momentum": _optional(_float("momentum", ge=0)),
+    "beta1": _optional(_float("beta1", ge=0)),
+    "beta2": _optional(_float("beta2", ge=0)),
+    "adam_eps": _optional(_float("adam_eps", gt=0)),
     "dim": _int("dim", 2),
     "noise": _float("noise", ge=0),
     "mu_seed": _int("mu_seed", 0),
@@ -917,6 +924,16 @@ def _check_members(grid, problems, warnings):
         if cfg["device"].startswith("cuda") and grid.resources["gpu"] == 0:
             note(problems, f"device {cfg['device']} but resources.gpu is 0: Ray hides the GPUs from such "
                            f"trials; set resources.gpu or device: auto", mid)
+        try:
+            optimizers.optimizer_config(cfg)
+        except ValueError as e:
+            note(problems, str(e), mid)
+        if model not in NETWORKS and (cfg.get("optimizer") or "sgd") != "sgd":
+            note(problems, f"optimizer {cfg['optimizer']}: the toy {model} runs plain SGD only; "
+                           "remove optimizer from the grid or use a network model", mid)
+        ignored = optimizers.ignored_keys(cfg)
+        if ignored:
+            note(warnings, f"{', '.join(ignored)} not used by optimizer {cfg.get('optimizer') or 'sgd'}", mid)
         if cfg["protocol"] == "fixed_sphere" and cfg["wd"] > 0:
             note(warnings, f"wd {cfg['wd']:g} is ignored on the fixed sphere", mid)
         if cfg.get("stochastic_entropy") and model not in NETWORKS:

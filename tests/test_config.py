@@ -41,6 +41,9 @@ SHIPPED = {
     "seeds.yaml": (4 * 22, {"seed": [0, 1, 2, 3], "lr": FE22}),
     "digits_batch_size.yaml": (3 * 7, {"batch_size": [16, 64, 256], "lr": DIGITS7}),
     "digits_seeds.yaml": (4 * 7, {"seed": [0, 1, 2, 3], "lr": DIGITS7}),
+    "optimizers.yaml": (3 * 28, {"optimizer": ["sgd", "momentum", "adam"], "lr": FE_LR}),
+    "digits_optimizers.yaml": (3 * 9, {"optimizer": ["sgd", "momentum", "adam"],
+                                       "lr": [1e-4 * 10 ** (k / 2) for k in range(9)]}),
 }
 TOY_KEYS = {"sphere_toy": {"setting"}, "vmf": {"dim", "noise", "mu_seed"}}
 

@@ -25,7 +25,7 @@ from typing import Iterator
 import torch
 
 from trainables import metrics as Mx
-from trainables import protocols
+from trainables import optimizers, protocols
 from trainables.data import load_dataset, sample_batch_indices
 from trainables.defaults import DEFAULT_KS, fill_defaults, resolve_device
 from trainables.entropy import knn_graph_entropy
@@ -149,7 +149,8 @@ class NetworkRunner:
         self.rows = self.theta.view(self.K, -1)
         self.theta0 = self.rows.detach().clone()                     # where a diverged member is parked
         self.D = self.rows.shape[1]
-        self.update = protocols.get(cfg["protocol"])
+        self.protocol = cfg["protocol"]
+        self.opt = optimizers.optimizer_config(cfg)   # sgd: exactly the protocol update of THEORY §2
         self.loss = cfg["loss"]
         if self.K == 1:   # plain floats: the numbers of the one-member runner stay what they were
             self.lr, self.wd, self.r0 = float(cfg["lr"]), float(cfg["wd"]), float(cfg["radius"])
@@ -163,6 +164,7 @@ class NetworkRunner:
         self.num_stoch_grads = int(cfg["num_stoch_grads"])
         self.stoch_entropy_ks = self._stochastic_entropy_ks(cfg)
         self._stoch_buf = None
+        self.opt_state = optimizers.init_state(self.opt, self.theta)
         self.log_iters = log_iterations(cfg["log_schedule"], self.iterations)
         self.log_set = set(self.log_iters)
         self.plan = SnapshotPlan(self.log_iters, cfg["entropy"] or [])
@@ -215,7 +217,8 @@ class NetworkRunner:
         """θ_t → θ_{t+1}: one minibatch, one backward, one protocol update; no host synchronisation."""
         losses = self.net.train_losses(self.gens, self.batch_size, self.loss)
         with torch.no_grad():
-            r_tilde = self.update(self.theta, self.grad, self.lr, self.wd, self.r0)
+            r_tilde = optimizers.step(self.opt, self.protocol, self.theta, self.grad, self.opt_state,
+                                      self.lr, self.wd, self.r0)
             self._bad |= ~torch.isfinite(losses)
             if (t + 1) % self.running_every == 0:
                 K = self.K
@@ -250,6 +253,9 @@ class NetworkRunner:
                 with torch.no_grad():
                     self.rows[k].copy_(self.theta0[k])
                     self.lr[k] = 0.0
+                    for v in self.opt_state.values():      # no NaN moments left in a parked row
+                        if v.dim() == 2:
+                            v[k].zero_()
                     self._bad[k] = False
 
     # ---- log steps ----------------------------------------------------------------------------
@@ -285,7 +291,7 @@ class NetworkRunner:
         # they lie in the tangent space at θ, so d_e = D − 1 as for the trajectory. Scaling every
         # point by η scales each L_k by η, so Ŝ_k(η g) = Ŝ_k(g) + d_e log η (no scaled copy)
         m = self.members[k]
-        step = protocols.step_lr(m["protocol"], float(m["lr"]), radius)
+        step = optimizers.step_lr(self.opt, m["protocol"], float(m["lr"]), radius)
         d_e = self.D - 1
         S = knn_graph_entropy(self._stoch_buf[:, k], self.stoch_entropy_ks, intrinsic_dim=d_e)
         return {f"stoch_entropy_knn_k{kk}": v + d_e * math.log(step) for kk, v in S.items()}
@@ -353,6 +359,7 @@ class NetworkRunner:
             "iteration": self.iteration, "host_done": self.host_done, "status": list(self.status),
             "regime": list(self.regime), "last_train_loss": list(self._last_train_loss),
             "pending_running": [list(p) for p in self._pending_running],
+            "optimizer": {k: v.cpu() for k, v in optimizers.state_dict(self.opt_state).items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -373,4 +380,5 @@ class NetworkRunner:
         self.regime = list(state["regime"])
         self._last_train_loss = list(state["last_train_loss"])
         self._pending_running = [list(p) for p in state["pending_running"]]
+        optimizers.load_state_dict(self.opt_state, state.get("optimizer", {}))
         self._bad.zero_()
