@@ -27,6 +27,7 @@ import traceback
 
 import numpy as np
 import pandas as pd
+import torch
 
 from analysis import figures as fg
 from analysis import ideal_gas as ig
@@ -39,7 +40,6 @@ from analysis.sections import (SECTIONS, Options, SectionResult, Skip, finite_ro
 from analysis.snr import default_phase_threshold, gradient_phase_exponent
 
 PLUGINS = ("analysis.toys_report",)
-UNIFORM_MAX_D = 50_000
 
 
 # -----------------------------------------------------------------------------
@@ -112,6 +112,7 @@ def _knn_k(names, k_max):
 
 
 _UNIFORM_CACHE: dict = {}
+NETWORK_MODELS = ("convnet", "resnet18")
 
 
 def _knn_window(entropy_param):
@@ -132,6 +133,47 @@ def uniform_entropy(D, n, k):
     return _UNIFORM_CACHE[key]
 
 
+def uniform_loss(member: dict, n: int, D: int, device="auto"):
+    """Expected train loss of the member's network for θ uniform on the unit sphere (THEORY.md §4
+    "uniform reference"): n directions, each loaded into the model, train loss over the training
+    (sub)set in train-mode BN chunks of 1024, on the device (cuda if available). Cached per setup.
+    Raises ValueError when the model cannot be rebuilt (a toy, or D ≠ the member's D)."""
+    from trainables.data import load_dataset
+    from trainables.defaults import resolve_device
+    from trainables.entropy import uniform_sphere_reference
+    from trainables.metrics import evaluate
+    from trainables.models import build_model, flatten_si_parameters
+
+    keys = ("model", "width", "dataset", "samples_per_label", "loss", "init_seed", "head_seed", "data_seed",
+            "data_dir")
+    cfg = {k: member.get(k) for k in keys}
+    if cfg["model"] not in NETWORK_MODELS:
+        raise ValueError(f"model {cfg['model']!r} is not a network")
+    cache_key = ("loss", int(n), repr(sorted(cfg.items())))
+    if cache_key not in _UNIFORM_CACHE:
+        dev = resolve_device(device)
+        spl = cfg["samples_per_label"]
+        data = load_dataset(cfg["dataset"], data_dir=cfg["data_dir"], download=False, device=dev,
+                            samples_per_label=None if spl is None or spl != spl else int(spl),
+                            data_seed=int(cfg["data_seed"] or 1))
+        model = build_model(cfg["model"], int(cfg["width"]), data.num_classes, in_channels=data.in_channels,
+                            loss=cfg["loss"] or "ce", init_seed=int(cfg["init_seed"] or 1),
+                            head_seed=int(cfg["head_seed"] or 4)).to(dev)
+        theta, _ = flatten_si_parameters(model)
+        if theta.numel() != int(D):
+            raise ValueError(f"the rebuilt model has D = {theta.numel()}, the members logged D = {int(D)}")
+
+        def loss_fn(rows):
+            out = torch.empty(rows.shape[0], dtype=torch.float64)
+            for i, row in enumerate(rows):
+                theta.copy_(row)
+                out[i] = evaluate(model, data.x_train, data.y_train, cfg["loss"] or "ce", train_mode=True)[0]
+            return out
+        _UNIFORM_CACHE[cache_key] = uniform_sphere_reference(int(D), n=int(n), ks=[1], loss_fn=loss_fn,
+                                                             device=dev)["train_loss"]
+    return _UNIFORM_CACHE[cache_key]
+
+
 def _steadily_decreasing(U, frac=0.8):
     d = np.diff(U)
     return d.size > 0 and (d < 0).mean() >= frac and U[-1] < U[0]
@@ -150,11 +192,36 @@ def free_energy_section(sweep, out_dir, opts):
         raise Skip("members have no lr param")
     seg = f"lr range {opts.lr_range}" if opts.lr_range else "automatic segment rule"
     res.notes.append(f"S = {ent}; ε = {opts.eps}; smoothing h = {opts.h}; {seg}")
-    res.notes.append("uniform-reference loss asymptote not drawn: it needs the model "
-                     "(trainables.entropy.uniform_sphere_reference with a loss_fn)")
     by_member = split_by_member(sweep.series, tab.index)
     return for_each_group(res, tab, ("lr",), lambda label, g: _free_energy_group(
         by_member, out_dir, opts, res, label, g.sort_values("lr"), ent, K))
+
+
+def _uniform_asymptotes(g, label, K, opts, res):
+    """(S, U) of θ uniform on the unit sphere (THEORY.md §4), the asymptotes of large LRs; None where
+    unavailable (a note says why). S from n = the k-NN window N samples (or --uniform-n), U from
+    the member's model over its training set (skipped with --no-uniform-loss)."""
+    D = g["D"].dropna().unique() if "D" in g else []
+    if len(D) != 1:
+        res.notes.append(f"group {label}: no single D param; uniform reference skipped")
+        return None, None
+    S_uni = U_uni = None
+    N = _knn_window(g["entropy"].iloc[0]) if "entropy" in g else 1000
+    n = opts.uniform_n or N
+    try:
+        S_uni = uniform_entropy(D[0], n, K)
+        note = "" if n == N else f" (≠ window N = {N}: not on the same scale)"
+        res.notes.append(f"group {label}: uniform reference S = {S_uni:.6g} from n = {n} samples{note}")
+    except Exception as e:  # noqa: BLE001 - a missing reference must not stop the section
+        res.notes.append(f"group {label}: uniform reference S failed: {e}")
+    if opts.uniform_loss:
+        try:
+            U_uni = uniform_loss(g.iloc[0].to_dict(), opts.uniform_loss_n, D[0])
+            res.notes.append(f"group {label}: uniform reference U = {U_uni:.6g} (train loss, "
+                             f"{opts.uniform_loss_n} uniform directions)")
+        except Exception as e:  # noqa: BLE001
+            res.notes.append(f"group {label}: uniform reference U skipped: {e}")
+    return S_uni, U_uni
 
 
 def _free_energy_group(by_member, out_dir, opts, res, label, g, ent, K):
@@ -177,22 +244,7 @@ def _free_energy_group(by_member, out_dir, opts, res, label, g, ent, K):
     except ValueError as e:
         raise Skip(f"temperature fit failed: {e}") from None
 
-    # uniform-sphere entropy asymptote
-    S_uni = None
-    D = g["D"].dropna().unique() if "D" in g else []
-    if len(D) != 1:
-        res.notes.append(f"group {label}: no single D param; uniform reference skipped")
-    elif D[0] > UNIFORM_MAX_D:
-        res.notes.append(f"group {label}: D = {int(D[0])} > {UNIFORM_MAX_D}; uniform entropy reference skipped")
-    else:
-        N = _knn_window(g["entropy"].iloc[0]) if "entropy" in g else 1000
-        n = opts.uniform_n or N
-        try:
-            S_uni = uniform_entropy(D[0], n, K)
-            note = "" if n == N else f" (≠ window N = {N}: not on the same scale)"
-            res.notes.append(f"group {label}: uniform reference S = {S_uni:.6g} from n = {n} samples{note}")
-        except Exception as e:  # noqa: BLE001 - a missing reference must not stop the section
-            res.notes.append(f"group {label}: uniform reference failed: {e}")
+    S_uni, U_uni = _uniform_asymptotes(g, label, K, opts, res)
 
     colors, sm = fg.value_colors(g["lr"])
     # 1. training curves
@@ -217,6 +269,8 @@ def _free_energy_group(by_member, out_dir, opts, res, label, g, ent, K):
         a.set_ylabel(name)
     if S_uni is not None:
         fg.off_scale_line(ax[0, 1], S_uni, S_all, "uniform on sphere")
+    if U_uni is not None:
+        fg.off_scale_line(ax[0, 0], U_uni, U_all, "uniform on sphere")
     for a in ax[0]:
         a.legend()
     fig.suptitle(f"stationary values, {label}")
@@ -686,6 +740,11 @@ def parse_args(argv=None):
     ap.add_argument("--k", type=int, default=Options.k_max, help="k-NN entropy k (largest logged k ≤ this)")
     ap.add_argument("--uniform-n", type=int, default=None,
                     help="samples for the uniform-sphere entropy reference (default: the knn window N)")
+    ap.add_argument("--no-uniform-loss", action="store_true",
+                    help="skip the uniform-reference loss asymptote (it runs the model over the training set "
+                         "for each of --uniform-loss-n directions)")
+    ap.add_argument("--uniform-loss-n", type=int, default=Options.uniform_loss_n,
+                    help=f"uniform directions for the loss asymptote (default {Options.uniform_loss_n})")
     ap.add_argument("--no-upload", action="store_true", help="do not attach the report to the parent run")
     ap.add_argument("--toy-u-window", type=int, default=Options.toy_u_window, metavar="ITERS",
                     help=f"toys: average U and r over the last ITERS iterations (default {Options.toy_u_window}, §8)")
@@ -701,6 +760,7 @@ def main(argv=None) -> int:
         (args.window is not None and args.window < 1, f"--window {args.window}: must be ≥ 1"),
         (bool(args.lr_range) and not 0 < args.lr_range[0] <= args.lr_range[1],
          f"--lr-range {args.lr_range}: give LO HI with 0 < LO ≤ HI"),
+        (args.uniform_loss_n < 2, f"--uniform-loss-n {args.uniform_loss_n}: must be ≥ 2"),
         (args.toy_u_window < 1, f"--toy-u-window {args.toy_u_window}: must be ≥ 1 (iterations)"),
         (args.toy_pressure_window < 1, f"--toy-pressure-window {args.toy_pressure_window}: must be ≥ 1 (iterations)"),
     ) if wrong]
@@ -708,7 +768,8 @@ def main(argv=None) -> int:
         print("error: " + "; ".join(bad) + ". Nothing was read; fix the option and run again.", file=sys.stderr)
         return 2
     opts = Options(eps=args.eps, lr_range=tuple(args.lr_range) if args.lr_range else None,
-                   k_max=args.k, uniform_n=args.uniform_n, toy_u_window=args.toy_u_window,
+                   k_max=args.k, uniform_n=args.uniform_n, uniform_loss=not args.no_uniform_loss,
+                   uniform_loss_n=args.uniform_loss_n, toy_u_window=args.toy_u_window,
                    toy_pressure_window=args.toy_pressure_window)
     try:
         sweep = load_experiment(args.experiment, tracking_uri=args.tracking_uri,

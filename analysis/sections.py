@@ -38,6 +38,8 @@ class Options:
     h: float = 0.3                    # §5 smoothing half-width in ln η
     k_max: int = 50                   # §5 k of the k-NN entropy: 50, or the largest logged k ≤ this
     uniform_n: int | None = None      # samples of the uniform reference (default: the knn window N)
+    uniform_loss: bool = True         # §4 uniform-reference loss asymptote (needs the model and data)
+    uniform_loss_n: int = 1000        # its samples (the free-energy paper: 1000)
     pressure_last: int = 3000         # §7 running logs averaged for r̃
     toy_u_window: int = 250_000       # §8 toys: iterations of log rows averaged for U and r
                                       # (the last 5000 running values, one every 50 iterations)

@@ -412,3 +412,35 @@ def test_fixed_sphere_pressure_in_memory(tmp_path):
     assert res.summary_rows[0]["p_predicted_rel_err_median"] == pytest.approx(0.0, abs=1e-9)
     assert res.summary_rows[0]["potential"] == "Helmholtz"              # vmf on the sphere
     assert (tmp_path / "ig_all_pressure.png").stat().st_size > 5000
+
+
+def test_uniform_loss_asymptote_matches_an_independent_monte_carlo():
+    """§4 uniform reference U: the report's value (its own tiled draws, evaluate() in train-mode BN)
+    against a plain Monte Carlo written here (fresh torch.randn directions, direct forward passes),
+    within 4 combined standard errors; a member whose D does not match the rebuilt model is refused."""
+    import torch
+    import torch.nn.functional as F
+    from analysis.report import uniform_loss
+    from trainables.data import load_dataset
+    from trainables.models import build_model, flatten_si_parameters
+
+    member = {"model": "convnet", "width": 1, "dataset": "digits", "samples_per_label": None, "loss": "ce",
+              "init_seed": 1, "head_seed": 4, "data_seed": 1, "data_dir": None}
+    data = load_dataset("digits")
+    model = build_model("convnet", 1, 10, in_channels=1)
+    theta, _ = flatten_si_parameters(model)
+    D, n = theta.numel(), 200
+    got = uniform_loss(member, n, D, device="cpu")
+    gen = torch.Generator().manual_seed(123)
+    mine = []
+    model.train()
+    with torch.no_grad():
+        for _ in range(n):
+            z = torch.randn(D, generator=gen)
+            theta.copy_(z / z.norm())
+            mine.append(F.cross_entropy(model(data.x_train), data.y_train).item())   # < 1024 samples: one chunk
+    mine = np.array(mine)
+    assert got == pytest.approx(mine.mean(), abs=4 * np.sqrt(2) * mine.std(ddof=1) / np.sqrt(n))
+    assert got > 0.5                                # far above a trained model's loss
+    with pytest.raises(ValueError, match="D = "):
+        uniform_loss(member, 10, D + 1, device="cpu")

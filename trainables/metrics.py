@@ -52,9 +52,10 @@ def full_gradient(model, x, y, grad: torch.Tensor, loss: str, chunk: int = CHUNK
 
 
 @torch.no_grad()
-def evaluate(model, x, y, loss: str, chunk: int = CHUNK):
-    """Test loss and accuracy in eval-mode BN."""
-    model.eval()
+def evaluate(model, x, y, loss: str, chunk: int = CHUNK, train_mode: bool = False):
+    """Loss and accuracy without gradients: eval-mode BN (test metrics), or with ``train_mode`` the
+    train-mode BN of ``full_gradient`` (statistics per chunk; the loss SGD optimises)."""
+    model.train(train_mode)
     total = torch.zeros((), device=x.device, dtype=torch.float64)
     correct = torch.zeros((), device=x.device, dtype=torch.float64)
     for start in range(0, x.shape[0], chunk):
