@@ -33,8 +33,10 @@ class Skip(Exception):
 
 @dataclass
 class Options:
-    eps: float = 0.01                 # §5 tolerance ε (loss units)
-    lr_range: tuple | None = None     # §5 manual stationary segment (lo, hi); None = automatic
+    eps: float | None = None          # §5 tolerance ε for every group; None = per group (analysis.settings)
+    lr_range: tuple | None = None     # §5 stationary segment (lo, hi) for every group; None = per group
+    group_overrides: tuple = ()       # per-group report options: ({"match": {...}, "eps"/"lr_range": ...}, ...)
+    grid_block: dict | None = None    # the grid's normalised ``analysis:`` block (analysis.settings)
     h: float = 0.3                    # §5 smoothing half-width in ln η
     k_max: int = 50                   # §5 k of the k-NN entropy: 50, or the largest logged k ≤ this
     uniform_n: int | None = None      # samples of the uniform reference (default: the knn window N)

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from engine.analysis_block import analysis_block_problems  # the report's `analysis:` block
 from trainables.defaults import DEFAULT_KS, MEMBER_DEFAULTS  # one source of defaults
 from trainables.schedule import log_iterations, window_complete
 
@@ -62,7 +63,7 @@ IMAGES_PER_CLASS = {"cifar10": 5000, "cifar100": 500}  # training split, THEORY.
 NETWORKS = {"convnet", "resnet18"}
 
 TOP_KEYS = ("experiment", "description", "fixed", "axes", "bundle", "resources", "max_concurrent",
-            "tracking_uri", "storage_path", "checkpoint_every", "max_failures")
+            "tracking_uri", "storage_path", "checkpoint_every", "max_failures", "analysis")
 RESOURCE_KEYS = ("cpu", "gpu")
 AXIS_SPECS = ("values", "logspace", "linspace", "geomspace", "segments")
 
@@ -646,6 +647,8 @@ def load_grid(path_or_dict, overrides=()) -> Grid:
     storage_path = top("storage_path", _optional(_text("storage_path")), None)
     checkpoint_every = top("checkpoint_every", _int("checkpoint_every", 0), 0)
     max_failures = top("max_failures", _int("max_failures (-1 = retry forever)", -1), 2)
+
+    problems += analysis_block_problems(raw.get("analysis"))
 
     # fixed
     fixed = {}
