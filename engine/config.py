@@ -33,11 +33,12 @@ import yaml
 
 from engine.analysis_block import analysis_block_problems  # the report's `analysis:` block
 from trainables.defaults import DEFAULT_KS, MEMBER_DEFAULTS  # one source of defaults
+from trainables.stopping import check_spec as check_stop_spec
 from trainables.schedule import log_iterations, window_complete
 
 # Extra keys that only the toys understand (DESIGN.md "Toy keys"); they override MEMBER_DEFAULTS.
 MODEL_DEFAULTS = {
-    "vmf": {"dim": 3, "noise": 1.0, "mu_seed": 44, "seed": 42},
+    "vmf": {"dim": 3, "noise": 1.0, "mu_seed": 44, "seed": 42, "stop_when": None},
     "sphere_toy": {"setting": "up"},
 }
 TOY_KEYS = {key: model for model, keys in MODEL_DEFAULTS.items() for key in keys if key not in MEMBER_DEFAULTS}
@@ -241,6 +242,13 @@ def _bool(what):
     return check
 
 
+def _stop_when(v):
+    try:
+        return check_stop_spec(v)
+    except ValueError as e:
+        raise _Bad(str(e)) from None
+
+
 KEY_CHECKS = {
     "model": _choice("model"),
     "width": _int("width", 1),
@@ -268,6 +276,7 @@ KEY_CHECKS = {
     "noise": _float("noise", ge=0),
     "mu_seed": _int("mu_seed", 0),
     "setting": _choice("setting"),
+    "stop_when": _stop_when,
 }
 MEMBER_KEYS = tuple(KEY_CHECKS)
 

@@ -173,7 +173,7 @@ class MLflowTracker(Callback):
             return
         self.status[member_id] = status
         self.client.set_tag(run_id, "thermosweep.status", status)
-        if status in ("done", "diverged", "converged", "failed"):
+        if status in ("done", "diverged", "converged", "stopped", "failed"):
             self.client.set_tag(run_id, "thermosweep.regime",
                                 "failed" if status == "failed" else regime_of(status, self.last_row.get(member_id)))
             self.client.set_terminated(run_id, "FAILED" if status == "failed" else "FINISHED")
@@ -185,7 +185,7 @@ class MLflowTracker(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         for member_id, _ in trial.config["trial"]["members"]:
-            if self.status.get(member_id) not in ("done", "diverged", "converged"):
+            if self.status.get(member_id) not in ("done", "diverged", "converged", "stopped"):
                 self._set_status(member_id, "failed")
                 if trial.error_file:
                     try:

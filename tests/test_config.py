@@ -36,7 +36,7 @@ SHIPPED = {
     "vmf_fixed_elr.yaml": (17 * 17, {"lr": VMF, "wd": VMF}),
     "vmf_fixed_sphere.yaml": (17 * 17, {"lr": VMF, "radius": [10 ** (-1 + j / 8) for j in range(17)]}),
 }
-TOY_KEYS = {"sphere_toy": {"setting"}, "vmf": {"dim", "noise", "mu_seed"}}
+TOY_KEYS = {"sphere_toy": {"setting"}, "vmf": {"dim", "noise", "mu_seed", "stop_when"}}
 
 
 def _write(tmp_path, text, name="g.yaml"):
