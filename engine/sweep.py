@@ -172,7 +172,7 @@ def summarise(results, tracking_uri, sweep_id, sweep_dir, experiment, member_ids
     """Member counts by final status. Every member of the grid is counted: Tune creates grid trials
     lazily, so after an interruption ``results`` may lack trials that never started; those members,
     like any without a final status, are unfinished."""
-    counts = {"done": 0, "diverged": 0, "converged": 0, "failed": 0, "unfinished": 0}
+    counts = {"done": 0, "diverged": 0, "converged": 0, "stopped": 0, "failed": 0, "unfinished": 0}
     seen: set = set()
     for r in results:
         metrics = r.metrics or {}
@@ -184,7 +184,7 @@ def summarise(results, tracking_uri, sweep_id, sweep_dir, experiment, member_ids
             seen.update(ids)
             continue
         for mid, s in zip(ids, status or []):
-            if s in ("done", "diverged", "converged", "failed"):
+            if s in ("done", "diverged", "converged", "stopped", "failed"):
                 counts[s] += 1
                 seen.add(mid)
     counts["unfinished"] += len(set(member_ids) - seen)
@@ -225,7 +225,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     c = summary["members"]
-    print(f"\nsweep {summary['sweep_id']}: {c['done']} done, {c['converged']} converged, "
+    print(f"\nsweep {summary['sweep_id']}: {c['done']} done, {c['converged']} converged, {c['stopped']} stopped, "
           f"{c['diverged']} diverged, {c['failed']} failed, {c['unfinished']} unfinished")
     print(f"MLflow: experiment '{summary['experiment']}' at {summary['tracking_uri']} "
           f"(browse: mlflow ui --backend-store-uri {summary['tracking_uri']})")
