@@ -31,14 +31,16 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from engine.analysis_block import analysis_block_problems  # the report's `analysis:` block
 from trainables import optimizers
 from trainables.defaults import DEFAULT_KS, MEMBER_DEFAULTS  # one source of defaults
 from trainables.runner import bundle_conflicts
+from trainables.stopping import check_spec as check_stop_spec
 from trainables.schedule import log_iterations, window_complete
 
 # Extra keys that only the toys understand (DESIGN.md "Toy keys"); they override MEMBER_DEFAULTS.
 MODEL_DEFAULTS = {
-    "vmf": {"dim": 3, "noise": 1.0, "mu_seed": 44, "seed": 42},
+    "vmf": {"dim": 3, "noise": 1.0, "mu_seed": 44, "seed": 42, "stop_when": None},
     "sphere_toy": {"setting": "up"},
 }
 TOY_KEYS = {key: model for model, keys in MODEL_DEFAULTS.items() for key in keys if key not in MEMBER_DEFAULTS}
@@ -66,7 +68,7 @@ IMAGES_PER_CLASS = {"cifar10": 5000, "cifar100": 500}  # training split, THEORY.
 NETWORKS = {"convnet", "resnet18"}
 
 TOP_KEYS = ("experiment", "description", "fixed", "axes", "bundle", "resources", "max_concurrent",
-            "tracking_uri", "storage_path", "checkpoint_every", "max_failures")
+            "tracking_uri", "storage_path", "checkpoint_every", "max_failures", "analysis")
 RESOURCE_KEYS = ("cpu", "gpu")
 AXIS_SPECS = ("values", "logspace", "linspace", "geomspace", "segments")
 
@@ -244,6 +246,13 @@ def _bool(what):
     return check
 
 
+def _stop_when(v):
+    try:
+        return check_stop_spec(v)
+    except ValueError as e:
+        raise _Bad(str(e)) from None
+
+
 KEY_CHECKS = {
     "model": _choice("model"),
     "width": _int("width", 1),
@@ -277,6 +286,7 @@ KEY_CHECKS = {
     "noise": _float("noise", ge=0),
     "mu_seed": _int("mu_seed", 0),
     "setting": _choice("setting"),
+    "stop_when": _stop_when,
 }
 MEMBER_KEYS = tuple(KEY_CHECKS)
 
@@ -814,6 +824,8 @@ def load_grid(path_or_dict, overrides=()) -> Grid:
     storage_path = top("storage_path", _optional(_text("storage_path")), None)
     checkpoint_every = top("checkpoint_every", _int("checkpoint_every", 0), 0)
     max_failures = top("max_failures", _int("max_failures (-1 = retry forever)", -1), 2)
+
+    problems += analysis_block_problems(raw.get("analysis"))
 
     # fixed
     fixed = {}

@@ -27,7 +27,7 @@ import ray
 import torch
 
 from trainables.schedule import window_complete, window_iterations
-from trainables.sinks import window_entropy
+from trainables.sinks import add_window_entropy, window_entropy
 
 log = logging.getLogger(__name__)
 NAMESPACE = "thermosweep"
@@ -120,7 +120,7 @@ class Reservoir:
                 continue
             window = torch.from_numpy(np.stack([cache[cid][row] for cid, row in where], axis=1))
             for m in range(n_members):
-                rows[m].update(window_entropy(window[m], spec))
+                add_window_entropy(rows[m], window_entropy(window[m], spec))
         self.evaluations += 1
         return rows
 

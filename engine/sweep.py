@@ -21,13 +21,13 @@ import threading
 from pathlib import Path
 
 from engine.config import GridError, check_resources, load_grid
+from trainables.runner import ENDED, FINAL
 from engine import plan
 from engine.preflight import (STORAGE_ENV, check_address, check_datasets, check_experiment, check_storage,
                               check_storage_on_nodes, check_tracking_uri)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_STORAGE = "ray_results"
-CLOSED_OK = ("done", "diverged", "converged")     # a member that ended by itself (not "failed")
 DRIVER_MARK = "thermosweep_driver.json"           # in the session directory of a local Ray we started
 
 
@@ -292,7 +292,7 @@ def run_sweep(grid, *, address=None, tracking_uri=DEFAULT_TRACKING_URI, storage_
     if resume:
         sweep_dir = find_sweep_dir(storage, grid.experiment, resume)
         closed = {m for m, st in member_statuses(tracking_uri, grid.experiment, sweep_dir.name).items()
-                  if st in CLOSED_OK}
+                  if st in ENDED}
         skipped = skip_finished_trials(sweep_dir, closed)
         if skipped:
             print(f"resume: {len(skipped)} trial(s) whose members had all finished are not run again "
@@ -363,7 +363,7 @@ def summarise(results, tracking_uri, sweep_id, sweep_dir, experiment, member_ids
     lazily, so after an interruption ``results`` may lack trials that never started; those members,
     like any without a final status, are unfinished. ``final`` (member id -> status in MLflow) counts
     members whose trial Tune did not run again because MLflow had closed them (skip_finished_trials)."""
-    counts = {"done": 0, "diverged": 0, "converged": 0, "failed": 0, "unfinished": 0}
+    counts = dict.fromkeys(FINAL + ("unfinished",), 0)
     seen: set = set()
     for r in results:
         metrics = r.metrics or {}
@@ -375,12 +375,12 @@ def summarise(results, tracking_uri, sweep_id, sweep_dir, experiment, member_ids
             seen.update(ids)
             continue
         for mid, s in zip(ids, status or []):
-            if s in ("done", "diverged", "converged", "failed"):
+            if s in FINAL:
                 counts[s] += 1
                 seen.add(mid)
     for mid in set(member_ids) - seen:
         s = (final or {}).get(mid)
-        if s in CLOSED_OK:
+        if s in ENDED:
             counts[s] += 1
             seen.add(mid)
     counts["unfinished"] += len(set(member_ids) - seen)
@@ -451,7 +451,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     c = summary["members"]
-    print(f"\nsweep {summary['sweep_id']}: {c['done']} done, {c['converged']} converged, "
+    print(f"\nsweep {summary['sweep_id']}: {c['done']} done, {c['converged']} converged, {c['stopped']} stopped, "
           f"{c['diverged']} diverged, {c['failed']} failed, {c['unfinished']} unfinished")
     print(f"MLflow: experiment '{summary['experiment']}' at {summary['tracking_uri']} "
           f"(browse: mlflow ui --backend-store-uri {summary['tracking_uri']})")

@@ -28,9 +28,10 @@ from pathlib import Path
 
 from ray.tune import Callback
 
+from trainables.runner import ENDED, FINAL
+
 MAX_BATCH = 900     # MLflow accepts up to 1000 metrics per log_batch call
 RUNNING = "running/"
-FINAL = ("done", "diverged", "converged", "failed")
 # the driver's MLflow HTTP client: no retry loop of its own (the queue below retries), bounded requests
 HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 RETRY_EVERY_S = 2.0             # while the store is down, try again at most this often
@@ -338,7 +339,7 @@ class MLflowTracker(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         for member_id, _ in trial.config["trial"]["members"]:
-            if self.status.get(member_id) not in ("done", "diverged", "converged"):
+            if self.status.get(member_id) not in ENDED:
                 self._set_status(member_id, "failed")
                 if trial.error_file:
                     try:

@@ -45,7 +45,7 @@ SHIPPED = {
     "digits_optimizers.yaml": (3 * 9, {"optimizer": ["sgd", "momentum", "adam"],
                                        "lr": [1e-4 * 10 ** (k / 2) for k in range(9)]}),
 }
-TOY_KEYS = {"sphere_toy": {"setting"}, "vmf": {"dim", "noise", "mu_seed"}}
+TOY_KEYS = {"sphere_toy": {"setting"}, "vmf": {"dim", "noise", "mu_seed", "stop_when"}}
 
 
 def _write(tmp_path, text, name="g.yaml"):
@@ -282,3 +282,19 @@ def test_evaluate_every_that_misses_the_log_steps_is_reported():
                for w in none), none
     toy = load_grid(elr, overrides=["stochastic_entropy=true"]).warnings
     assert any("stochastic_entropy is computed for network models only; vmf ignores it" in w for w in toy)
+
+
+def test_analysis_block_is_checked_before_anything_runs():
+    from engine.config import GridError, load_grid
+    good = load_grid({"experiment": "x", "analysis": {"window": 40, "groups": [
+        {"match": {"width": 4}, "eps": "1e-2", "lr_slice": [3, -6], "phase_window": [1.0e4, 4.0e5]}]}})
+    assert good.experiment == "x"
+    with pytest.raises(GridError) as e:
+        load_grid({"experiment": "x", "analysis": {"eps": -1, "windw": 3,
+                                                   "groups": [{"match": {"width": 4}, "lr_range": [2, 1],
+                                                               "lr_slice": [0, 3]}]}})
+    text = str(e.value)
+    assert "analysis.eps: -1 must be a number ≥ 0" in text
+    assert "analysis.windw: unknown key" in text
+    assert "analysis.groups[0].lr_range: [2, 1] must be [lo, hi] with 0 < lo ≤ hi" in text
+    assert "analysis.groups[0]: give lr_range or lr_slice, not both" in text

@@ -411,10 +411,10 @@ def test_summary_counts_members_of_trials_tune_never_created():
 
     grid_members = ["m0000", "m0001", "m0002", "m0003", "m0004", "m0005"]
     only_first = summarise([result(["m0000"], ["done"])], "uri", "s", "d", "e", grid_members)
-    assert only_first["members"] == {"done": 1, "diverged": 0, "converged": 0, "failed": 0, "unfinished": 5}
+    assert only_first["members"] == {"done": 1, "diverged": 0, "converged": 0, "stopped": 0, "failed": 0, "unfinished": 5}
     mixed = summarise([result(["m0000", "m0001"], ["done", "diverged"]),
                        result(["m0002"], ["running"]),                       # interrupted mid-run
                        result(["m0003"], None, metrics=False),                # started, nothing reported
                        result(["m0004"], ["running"], error=RuntimeError("boom"))],
                       "uri", "s", "d", "e", grid_members)
-    assert mixed["members"] == {"done": 1, "diverged": 1, "converged": 0, "failed": 1, "unfinished": 3}
+    assert mixed["members"] == {"done": 1, "diverged": 1, "converged": 0, "stopped": 0, "failed": 1, "unfinished": 3}

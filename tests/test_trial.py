@@ -251,9 +251,10 @@ def test_metric_names_match_design():
     # windows incomplete (knn needs t ≥ 5, kl t ≥ 4): base names only
     assert set(rows[0]) == BASE_NAMES and set(rows[3]) == BASE_NAMES
     # kl window complete from t = 4, knn from t = 5; ks clipped to window − 1 = 5
-    assert set(rows[4]) == BASE_NAMES | {"entropy_kl_sphere", "entropy_kl_full", "window_radius"}
+    assert set(rows[4]) == BASE_NAMES | {"entropy_kl_sphere", "entropy_kl_full", "window_radius", "window_radius_kl"}
     knn = {"entropy_knn_k1", "entropy_knn_k2", "entropy_knn_k5"}
-    assert set(rows[20]) == BASE_NAMES | knn | {"entropy_kl_sphere", "entropy_kl_full", "window_radius"}
+    assert set(rows[20]) == BASE_NAMES | knn | {"entropy_kl_sphere", "entropy_kl_full", "window_radius",
+                                               "window_radius_kl", "window_radius_knn"}
     # running rows: every running_every iterations, radius_preproj on the fixed sphere
     running = [r for e in events for r in e["running"][0]]
     assert [r["iteration"] for r in running] == [5, 10, 15, 20]

@@ -16,12 +16,13 @@ CHUNK = 1024
 
 
 def loss_sum(logits: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
-    """Summed loss over a batch: cross-entropy, or squared error to one-hot targets averaged over
-    classes (so that its batch mean equals ``nn.MSELoss``; our choice for MSE)."""
+    """Summed loss over a batch: cross-entropy, or the squared error to one-hot targets summed over
+    classes (THEORY.md §3, the papers' convention: the MSE head norm 1.5 was chosen for it; its batch
+    mean is ``nn.MSELoss`` times the number of classes)."""
     if loss == "ce":
         return F.cross_entropy(logits, y, reduction="sum")
     onehot = F.one_hot(y, logits.shape[-1]).to(logits.dtype)
-    return ((logits - onehot) ** 2).mean(dim=-1).sum()
+    return ((logits - onehot) ** 2).sum()
 
 
 def batch_loss(logits: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
@@ -72,9 +73,11 @@ def full_gradient(model, x, y, grad: torch.Tensor, loss: str, chunk: int = CHUNK
 
 
 @torch.no_grad()
-def evaluate(model, x, y, loss: str, chunk: int = CHUNK):
-    """Test loss and accuracy in eval-mode BN ((K,) for a bundled model)."""
-    model.eval()
+def evaluate(model, x, y, loss: str, chunk: int = CHUNK, train_mode: bool = False):
+    """Loss and accuracy without gradients ((K,) for a bundled model): eval-mode BN (test metrics), or
+    with ``train_mode`` the train-mode BN of ``full_gradient`` (statistics per chunk; the loss SGD
+    optimises)."""
+    model.train(train_mode)
     total = correct = 0
     for start in range(0, x.shape[0], chunk):
         xb, yb = x[start:start + chunk], y[start:start + chunk]

@@ -10,6 +10,10 @@ from __future__ import annotations
 NETWORK_MODELS = ("convnet", "resnet18")
 TOY_MODELS = ("vmf", "sphere_toy")
 
+# a member's status: "running" while it trains; then one that it reached by itself (ENDED) or "failed"
+ENDED = ("done", "diverged", "converged", "stopped")
+FINAL = ENDED + ("failed",)
+
 # member keys that may differ inside one network bundle (everything else must be equal)
 BUNDLE_FREE_KEYS = ("lr", "wd", "radius", "seed", "init_seed", "head_seed")
 
