@@ -306,7 +306,7 @@ def test_driver_killed_between_tracker_and_tune_resumes_without_rerunning(tmp_pa
                            text=True, timeout=400)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
     summary = json.loads(again.stdout.split("SUMMARY")[-1])
-    assert summary["members"] == {"done": 3, "diverged": 0, "converged": 0, "failed": 0, "unfinished": 0}
+    assert summary["members"] == {"done": 3, "diverged": 0, "converged": 0, "stopped": 0, "failed": 0, "unfinished": 0}
     later = [r["trial_id"] for r in _records(rec)][len(started_before):]
     assert sorted(r["trial_id"] for r in _records(rec)) == ["t000", "t001", "t002"], later   # t001 not again
     assert re.search(r"not run again \([^)]*t001", again.stderr), again.stderr[-3000:]
