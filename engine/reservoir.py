@@ -36,12 +36,55 @@ CHUNK_SNAPSHOTS = 32
 CHUNK_BYTES = 256 * 2 ** 20
 
 
+class WindowIndex:
+    """Which chunk holds which snapshot, per estimator spec, with the release rule: a chunk is dropped
+    as soon as none of its snapshots is among the ``window`` most recent stride-aligned ones of any
+    spec. The reservoir keeps one per trial; the trial's sink keeps its own copy (same refs), so a
+    restarted reservoir can be given the windows again."""
+
+    def __init__(self, specs: list[dict]):
+        self.specs = [dict(s) for s in specs]
+        self.index: list[dict[int, tuple[int, int]]] = [dict() for _ in self.specs]  # it -> (chunk, row)
+        self.chunks: dict[int, tuple] = {}      # chunk id -> (ref, iterations)
+        self.next_id = 0
+
+    def add(self, iterations: list[int], ref) -> None:
+        cid, self.next_id = self.next_id, self.next_id + 1
+        self.chunks[cid] = (ref, list(iterations))
+        for spec, idx in zip(self.specs, self.index):
+            stride, n = int(spec.get("stride", 1)), int(spec["window"])
+            for row, it in enumerate(iterations):
+                if it % stride == 0:
+                    idx[it] = (cid, row)
+            if len(idx) > n:    # older snapshots are in no future window
+                for old in sorted(idx)[:-n]:
+                    del idx[old]
+        alive = {c for idx in self.index for c, _ in idx.values()}
+        for c in [c for c in self.chunks if c not in alive]:
+            del self.chunks[c]
+
+    def window(self, k: int, t: int) -> list | None:
+        """[(ref, row)] of spec k's window at log step t, oldest first; None if a snapshot is missing."""
+        spec = self.specs[k]
+        where = [self.index[k].get(i) for i in window_iterations(t, int(spec["window"]),
+                                                                 int(spec.get("stride", 1)))]
+        if any(w is None for w in where):
+            return None
+        return [(self.chunks[cid][0], row) for cid, row in where]
+
+    def live(self) -> list[tuple]:
+        """(iterations, ref) of the chunks kept, oldest first."""
+        return [(its, ref) for _, (ref, its) in sorted(self.chunks.items())]
+
+    def snapshot_counts(self) -> list[int]:
+        return [len(i) for i in self.index]
+
+
 class Reservoir:
     """Per-node window keeper (wrapped as a Ray actor by :func:`get_reservoir`)."""
 
     def __init__(self):
-        # trial_key -> {"specs": [...], "index": [dict it -> (chunk_id, row)], "chunks": {id: (ref, its)}}
-        self.trials: dict[str, dict] = {}
+        self.trials: dict[str, WindowIndex] = {}
         self.evaluations = 0
         # Ray gives a 0-CPU actor one thread; the trial that asked waits idle while its entropy is
         # computed, so use the node's cores like the single-process run does (at most 4)
@@ -53,84 +96,60 @@ class Reservoir:
 
     def register(self, trial_key: str, specs: list[dict]) -> None:
         with self.lock:
-            self.trials[trial_key] = {"specs": [dict(s) for s in specs], "index": [dict() for _ in specs],
-                                      "chunks": {}, "next_id": 0}
+            self.trials[trial_key] = WindowIndex(specs)
 
     def add(self, trial_key: str, iterations: list[int], refs: list) -> None:
         """Take a chunk of snapshots (shape (k, n_members, D)) holding ``iterations``."""
         with self.lock:
-            self._add(trial_key, iterations, refs)
-
-    def _add(self, trial_key: str, iterations: list[int], refs: list) -> None:
-        st = self.trials.get(trial_key)
-        if st is None:              # reservoir restarted: its windows are gone, start afresh
-            return
-        cid = st["next_id"]
-        st["next_id"] += 1
-        st["chunks"][cid] = (refs[0], list(iterations))
-        for k, spec in enumerate(st["specs"]):
-            stride, n = int(spec.get("stride", 1)), int(spec["window"])
-            idx = st["index"][k]
-            for row, it in enumerate(iterations):
-                if it % stride == 0:
-                    idx[it] = (cid, row)
-            # keep only the n most recent stride-aligned snapshots: older ones are in no future window
-            if len(idx) > n:
-                for old in sorted(idx)[:-n]:
-                    del idx[old]
-        self._release(st)
-
-    def _release(self, st: dict) -> None:
-        alive = {cid for idx in st["index"] for cid, _ in idx.values()}
-        for cid in [c for c in st["chunks"] if c not in alive]:
-            del st["chunks"][cid]
+            windows = self.trials.get(trial_key)
+            if windows is not None:     # else the reservoir restarted: the trial registers again
+                windows.add(iterations, refs[0])
 
     def evaluate(self, trial_key: str, t: int, n_members: int,
                  spec_ids: list[int] | None = None) -> list[dict] | None:
         """Entropy rows at log step t, or None if this reservoir does not know the trial (restarted)."""
         with self.lock:
-            st = self.trials.get(trial_key)
-            if st is None:
+            windows = self.trials.get(trial_key)
+            if windows is None:
                 return None
-            jobs = []      # (spec, [(chunk_id, row) or None per window iteration], {chunk_id: ref})
-            for k, spec in enumerate(st["specs"]):
-                if spec_ids is not None and k not in spec_ids:
-                    continue
-                n, stride = int(spec["window"]), int(spec.get("stride", 1))
-                if not window_complete(t, n, stride):
-                    continue
-                where = [st["index"][k].get(i) for i in window_iterations(t, n, stride)]
-                refs = {w[0]: st["chunks"][w[0]][0] for w in where if w is not None}
-                jobs.append((spec, where, refs))
+            jobs = [(windows.specs[k], windows.window(k, t)) for k in range(len(windows.specs))
+                    if (spec_ids is None or k in spec_ids)
+                    and window_complete(t, int(windows.specs[k]["window"]),
+                                        int(windows.specs[k].get("stride", 1)))]
         rows: list[dict] = [{} for _ in range(n_members)]
-        cache: dict[int, np.ndarray] = {}
-        for spec, where, refs in jobs:
-            if any(w is None for w in where):
+        for spec, where in jobs:
+            window = self._read(trial_key, t, where)
+            if window is None:
                 for r in rows:
                     r["entropy_missing"] = 1.0
                 continue
-            try:
-                for cid, _ in where:
-                    if cid not in cache:
-                        cache[cid] = ray.get(refs[cid])
-            except Exception as e:  # objects lost with a dead trial process
-                log.warning("reservoir: window of %s at %d lost (%s)", trial_key, t, e)
-                for r in rows:
-                    r["entropy_missing"] = 1.0
-                continue
-            window = torch.from_numpy(np.stack([cache[cid][row] for cid, row in where], axis=1))
             for m in range(n_members):
                 rows[m].update(window_entropy(window[m], spec))
         self.evaluations += 1
         return rows
+
+    @staticmethod
+    def _read(trial_key: str, t: int, where: list | None) -> torch.Tensor | None:
+        """The window (n_members, N, D) from the object store, or None if a snapshot is missing."""
+        if where is None:
+            return None
+        cache: dict = {}
+        try:
+            for ref, _ in where:
+                if ref not in cache:
+                    cache[ref] = ray.get(ref)
+        except Exception as e:  # objects lost with a dead trial process
+            log.warning("reservoir: window of %s at %d lost (%s)", trial_key, t, e)
+            return None
+        return torch.from_numpy(np.stack([cache[ref][row] for ref, row in where], axis=1))
 
     def forget(self, trial_key: str) -> None:
         with self.lock:
             self.trials.pop(trial_key, None)
 
     def stats(self) -> dict:
-        return {key: {"chunks": len(st["chunks"]), "snapshots": [len(i) for i in st["index"]]}
-                for key, st in self.trials.items()} | {"_evaluations": self.evaluations}
+        return {key: {"chunks": len(w.chunks), "snapshots": w.snapshot_counts()}
+                for key, w in self.trials.items()} | {"_evaluations": self.evaluations}
 
     def pid(self) -> int:
         import os
@@ -177,7 +196,14 @@ def shutdown_reservoirs(wait_s: float = 30.0) -> int:
 
 
 class ReservoirSink:
-    """The trial's side: chunk snapshots on the device, ship them, ask for entropy at log steps."""
+    """The trial's side: chunk snapshots on the device, ship them, ask for entropy at log steps.
+
+    It keeps its own :class:`WindowIndex` of the chunks it shipped (the objects are owned by this
+    process, so they outlive a reservoir restart): when the reservoir answers that it lost the trial,
+    the sink registers again, hands every kept chunk over again and asks once more. While
+    ``replaying`` (a restored trial rebuilding its windows, engine.replay) snapshots are shipped but
+    nothing is evaluated.
+    """
 
     def __init__(self, trial_key: str, specs: list[dict], n_members: int, D: int, device,
                  reservoir=None, chunk_snapshots: int | None = None):
@@ -186,6 +212,9 @@ class ReservoirSink:
         self.chunk = max(1, min(chunk_snapshots or CHUNK_SNAPSHOTS, CHUNK_BYTES // per_snapshot))
         self.buffer = torch.empty(self.chunk, n_members, D, device=device, dtype=torch.float32)
         self.buffered: list[int] = []
+        self.windows = WindowIndex(self.specs)
+        self.replaying = False
+        self.reregistered = 0           # times the reservoir had lost this trial and was refilled
         # the reservoir serves calls on several threads, so our adds may land in any order: wait for
         # all of them (not just the last) before asking for entropy
         self.pending_adds: list = []
@@ -211,29 +240,45 @@ class ReservoirSink:
         k = len(self.buffered)
         ref = ray.put(self.buffer[:k].cpu().numpy().copy())
         its, self.buffered = self.buffered, []
+        self.windows.add(its, ref)
+        self._ship(its, ref)
+
+    def _ship(self, its: list[int], ref) -> None:
         ref_add = self._guard(lambda: self.reservoir.add.remote(self.trial_key, its, [ref]))
         if ref_add is not None:
             self.pending_adds.append(ref_add)
 
-    def evaluate(self, t: int, spec_ids: list[int] | None = None) -> list[dict]:
-        self.flush()
-        missing = [{"entropy_missing": 1.0} for _ in range(self.n_members)]
+    def _ask(self, t: int, spec_ids) -> list[dict] | None:
         if self.pending_adds:
             self._guard(lambda: ray.get(self.pending_adds))
             self.pending_adds = []
-        rows = self._guard(lambda: ray.get(
+        return self._guard(lambda: ray.get(
             self.reservoir.evaluate.remote(self.trial_key, t, self.n_members, spec_ids)))
-        if rows is None:
-            # the reservoir restarted (or failed) and lost this trial: register again so that the
-            # windows refill from the next snapshots on; this step's entropy is missing
-            self._guard(lambda: ray.get(self.reservoir.register.remote(self.trial_key, self.specs)))
-            return missing
-        return rows
+
+    def refill(self) -> None:
+        """Register again and hand the reservoir every chunk this sink still keeps."""
+        self.reregistered += 1
+        log.warning("reservoir lost %s: registering again with %d kept chunks", self.trial_key,
+                    len(self.windows.chunks))
+        self._guard(lambda: ray.get(self.reservoir.register.remote(self.trial_key, self.specs)))
+        for its, ref in self.windows.live():
+            self._ship(its, ref)
+
+    def evaluate(self, t: int, spec_ids: list[int] | None = None) -> list[dict]:
+        if self.replaying:
+            return [{} for _ in range(self.n_members)]
+        self.flush()
+        rows = self._ask(t, spec_ids)
+        if rows is None:        # the reservoir restarted (or failed) and lost this trial
+            self.refill()
+            rows = self._ask(t, spec_ids)
+        return rows if rows is not None else [{"entropy_missing": 1.0} for _ in range(self.n_members)]
 
     def close(self) -> None:
         self._guard(lambda: ray.get(self.reservoir.forget.remote(self.trial_key)))
 
-    # the window lives in the reservoir, not in the trial's checkpoint
+    # the window lives in the reservoir (and this sink's refs), not in the trial's checkpoint: a
+    # restored trial rebuilds it by replay (engine.replay)
     def state_dict(self) -> dict:
         return {}
 

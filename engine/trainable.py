@@ -20,6 +20,7 @@ import torch
 from ray import tune
 
 from engine.config import checkpoint_due
+from engine.replay import AnchorKeeper, AnchorPlan, read_anchor, rebuild_windows
 from engine.reservoir import ReservoirSink
 from trainables.runner import make_runner
 
@@ -47,17 +48,21 @@ def train_bundle(config: dict) -> None:
     for m in members:
         m["device"] = str(device)
     runner = make_runner(members, device)
+    specs = runner.members[0].get("entropy") or []
+    key = f"{config.get('sweep_id', 'sweep')}/{trial['trial_id']}"
+    sink = ReservoirSink(key, specs, len(members), runner.D, device) if specs else None
+    keeper = AnchorKeeper(AnchorPlan(runner.members[0])) if specs else None
 
     restored = tune.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as d:
             state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+            anchor = read_anchor(d) if sink is not None else None
+        if anchor is not None:      # the windows died with the old process: rebuild them by replay
+            rebuild_windows(runner, sink, keeper, anchor, until=int(state["iteration"]))
         runner.load_state_dict(state)
 
-    specs = runner.members[0].get("entropy") or []
-    key = f"{config.get('sweep_id', 'sweep')}/{trial['trial_id']}"
-    sink = ReservoirSink(key, specs, len(members), runner.D, device) if specs else None
-    kill_at = config.get("_fault_kill_at")          # tests only: a real SIGKILL of this worker
+    faults = _faults(config.get("_fault_kill_at"))  # tests only: real SIGKILLs of this worker / the reservoir
     every = int(config.get("checkpoint_every", 0))
     # every result costs the driver one MLflow transaction per member: big bundles report less often
     report_every = float(config.get("report_every_s", max(REPORT_EVERY_S, 0.1 * len(members))))
@@ -65,6 +70,8 @@ def train_bundle(config: dict) -> None:
 
     for event in runner.run(sink):
         t = event["iteration"]
+        if keeper is not None:
+            keeper.observe(runner, t)
         pending.append({"iteration": t, "rows": event["rows"], "running": event["running"]})
         finished = all(s != "running" for s in runner.status)
         checkpoint = finished or checkpoint_due(every, last_ckpt, t)
@@ -84,12 +91,31 @@ def train_bundle(config: dict) -> None:
         if checkpoint:
             with tempfile.TemporaryDirectory() as d:
                 torch.save(runner.state_dict(), os.path.join(d, CHECKPOINT_FILE))
+                if keeper is not None:
+                    keeper.write(d, t)
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
             last_ckpt = t
         else:
             tune.report(metrics)
         pending, last_report = [], time.monotonic()
-        if kill_at is not None and restored is None and t >= kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if restored is None:
+            _inject(faults, t, sink)
     if sink is not None:
         sink.close()
+
+
+def _faults(spec) -> dict:
+    """``_fault_kill_at``: an iteration (kill this worker there) or {"worker": it, "reservoir": it}."""
+    if spec is None:
+        return {}
+    return dict(spec) if isinstance(spec, dict) else {"worker": int(spec)}
+
+
+def _inject(faults: dict, t: int, sink) -> None:
+    """Tests only, first attempt only: SIGKILL the node's reservoir process (once) or this worker at
+    the first report at or after the given iteration."""
+    if sink is not None and "reservoir" in faults and t >= faults["reservoir"]:
+        del faults["reservoir"]
+        os.kill(ray.get(sink.reservoir.pid.remote()), signal.SIGKILL)
+    if "worker" in faults and t >= faults["worker"]:
+        os.kill(os.getpid(), signal.SIGKILL)
