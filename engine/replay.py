@@ -20,6 +20,7 @@ import os
 
 import torch
 
+from engine.config import checkpoint_due
 from trainables.schedule import SnapshotPlan, log_iterations, window_iterations
 
 START = -1                  # anchor "the start": a freshly built runner, nothing to store
@@ -27,9 +28,11 @@ ANCHOR_FILE, ANCHOR_META = "anchor.pt", "anchor.json"
 
 
 class AnchorPlan:
-    """For every log step c: the anchor a checkpoint at c needs (None: no window reaches back to c)."""
+    """For every log step c at which the trial checkpoints: the anchor that checkpoint needs (None: no
+    window still to come reaches back to c). The checkpoint steps follow from ``checkpoint_every``
+    alone (engine.config.checkpoint_due, counted from 0), the same after any restore."""
 
-    def __init__(self, member: dict):
+    def __init__(self, member: dict, checkpoint_every: int = 0):
         log_iters = log_iterations(member["log_schedule"], int(member["iterations"]))
         plan = SnapshotPlan(log_iters, member.get("entropy") or [])
         per_spec = []
@@ -38,7 +41,7 @@ class AnchorPlan:
             evals = sorted(steps)
             per_spec.append((evals, [window_iterations(e, n, s)[0] for e in evals]))
         self.anchor: dict[int, int | None] = {}
-        for c in log_iters:
+        for c in checkpoint_steps(log_iters, int(checkpoint_every)):
             firsts = [first[bisect.bisect_right(evals, c)] for evals, first in per_spec
                       if bisect.bisect_right(evals, c) < len(evals)]
             need = min(firsts, default=None)
@@ -51,6 +54,16 @@ class AnchorPlan:
         for c, a in self.anchor.items():
             if a is not None and a != START:
                 self.last_use[a] = max(self.last_use.get(a, c), c)
+
+
+def checkpoint_steps(log_iters: list[int], every: int) -> list[int]:
+    """The log steps at which engine.trainable checkpoints (besides the end of the trial)."""
+    out, last = [], 0
+    for c in log_iters:
+        if checkpoint_due(every, last, c):
+            out.append(c)
+            last = c
+    return out
 
 
 class AnchorKeeper:

@@ -25,6 +25,7 @@ from engine.reservoir import ReservoirSink
 from trainables.runner import make_runner
 
 CHECKPOINT_FILE = "runner.pt"
+HOLD_S = 300.0          # tests only: how long a trial held by the "hold" fault waits to be killed
 REPORT_EVERY_S = 5.0    # log steps are reported to Tune (and so to MLflow) at most this often, batched
                         # (0.1 s per member for bundles of more than 50 members)
 
@@ -51,7 +52,8 @@ def train_bundle(config: dict) -> None:
     specs = runner.members[0].get("entropy") or []
     key = f"{config.get('sweep_id', 'sweep')}/{trial['trial_id']}"
     sink = ReservoirSink(key, specs, len(members), runner.D, device) if specs else None
-    keeper = AnchorKeeper(AnchorPlan(runner.members[0])) if specs else None
+    every = int(config.get("checkpoint_every", 0))
+    keeper = AnchorKeeper(AnchorPlan(runner.members[0], every)) if specs else None
 
     restored = tune.get_checkpoint()
     if restored is not None:
@@ -63,7 +65,6 @@ def train_bundle(config: dict) -> None:
         runner.load_state_dict(state)
 
     faults = _faults(config.get("_fault_kill_at"))  # tests only: real SIGKILLs of this worker / the reservoir
-    every = int(config.get("checkpoint_every", 0))
     # every result costs the driver one MLflow transaction per member: big bundles report less often
     report_every = float(config.get("report_every_s", max(REPORT_EVERY_S, 0.1 * len(members))))
     last_ckpt, last_report, pending = runner.iteration, time.monotonic(), []
@@ -99,7 +100,7 @@ def train_bundle(config: dict) -> None:
             tune.report(metrics)
         pending, last_report = [], time.monotonic()
         if restored is None:
-            _inject(faults, t, sink)
+            _inject(faults, t, sink, checkpoint)
     if sink is not None:
         sink.close()
 
@@ -111,11 +112,21 @@ def _faults(spec) -> dict:
     return dict(spec) if isinstance(spec, dict) else {"worker": int(spec)}
 
 
-def _inject(faults: dict, t: int, sink) -> None:
-    """Tests only, first attempt only: SIGKILL the node's reservoir process (once) or this worker at
-    the first report at or after the given iteration."""
+def _inject(faults: dict, t: int, sink, checkpoint: bool) -> None:
+    """Tests only, first attempt only, at the first report at or after the given iteration: SIGKILL
+    the node's reservoir process (once) or this worker; or ("hold": {"at": it, "marker": path}), at
+    the first checkpoint there, write ``marker`` and stop there (so that a test can kill the driver
+    while this trial is mid-run; the hold ends after HOLD_S if nobody does)."""
     if sink is not None and "reservoir" in faults and t >= faults["reservoir"]:
         del faults["reservoir"]
         os.kill(ray.get(sink.reservoir.pid.remote()), signal.SIGKILL)
     if "worker" in faults and t >= faults["worker"]:
         os.kill(os.getpid(), signal.SIGKILL)
+    hold = faults.get("hold")
+    if hold and checkpoint and t >= hold["at"]:
+        del faults["hold"]
+        with open(hold["marker"], "w") as f:
+            f.write(str(t))
+        end = time.monotonic() + HOLD_S
+        while time.monotonic() < end:
+            time.sleep(0.5)     # waiting to be killed with the driver, not synchronising anything
