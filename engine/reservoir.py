@@ -80,6 +80,35 @@ class WindowIndex:
         return [len(i) for i in self.index]
 
 
+class ChunkedWindow:
+    """One member's window (N, D), oldest snapshot first, read straight from the chunks that hold it.
+
+    The estimators of trainables.entropy read a window only in column blocks (``window[:, a:b]``,
+    ``window[:, j]``); each such slice gathers just those columns from the chunks (N × (b − a) floats),
+    so an evaluation needs no copy of the whole window: its extra memory is one column block plus the
+    N × N distance matrix, whatever D is."""
+
+    column_sliced = True
+    dtype = torch.float32
+    device = torch.device("cpu")
+
+    def __init__(self, parts: list, member: int):
+        self.parts, self.member = parts, member
+        self.shape = torch.Size((sum(len(rows) for _, rows in parts), parts[0][0].shape[-1]))
+
+    def dim(self) -> int:
+        return 2
+
+    def is_floating_point(self) -> bool:
+        return True
+
+    def __getitem__(self, key) -> torch.Tensor:
+        rows, cols = key
+        if rows != slice(None):
+            raise IndexError("a ChunkedWindow is read in column slices only: window[:, a:b] or window[:, j]")
+        return torch.from_numpy(np.concatenate([a[r, self.member, cols] for a, r in self.parts], axis=0))
+
+
 class Reservoir:
     """Per-node window keeper (wrapped as a Ray actor by :func:`get_reservoir`)."""
 
@@ -118,30 +147,37 @@ class Reservoir:
                                         int(windows.specs[k].get("stride", 1)))]
         rows: list[dict] = [{} for _ in range(n_members)]
         for spec, where in jobs:
-            window = self._read(trial_key, t, where)
-            if window is None:
+            parts = self._read(trial_key, t, where)
+            if parts is None:
                 for r in rows:
                     r["entropy_missing"] = 1.0
                 continue
             for m in range(n_members):
-                rows[m].update(window_entropy(window[m], spec))
+                rows[m].update(window_entropy(ChunkedWindow(parts, m), spec))
         self.evaluations += 1
         return rows
 
     @staticmethod
-    def _read(trial_key: str, t: int, where: list | None) -> torch.Tensor | None:
-        """The window (n_members, N, D) from the object store, or None if a snapshot is missing."""
+    def _read(trial_key: str, t: int, where: list | None) -> list | None:
+        """The window's parts [(chunk array (k, n_members, D), [rows])] in window order, read from the
+        object store without copying (zero-copy views), or None if a snapshot is missing."""
         if where is None:
             return None
-        cache: dict = {}
+        arrays: dict = {}
         try:
             for ref, _ in where:
-                if ref not in cache:
-                    cache[ref] = ray.get(ref)
+                if ref not in arrays:
+                    arrays[ref] = ray.get(ref)
         except Exception as e:  # objects lost with a dead trial process
             log.warning("reservoir: window of %s at %d lost (%s)", trial_key, t, e)
             return None
-        return torch.from_numpy(np.stack([cache[ref][row] for ref, row in where], axis=1))
+        parts: list = []
+        for ref, row in where:
+            if parts and parts[-1][0] is arrays[ref]:
+                parts[-1][1].append(row)
+            else:
+                parts.append((arrays[ref], [row]))
+        return parts
 
     def forget(self, trial_key: str) -> None:
         with self.lock:
