@@ -14,6 +14,9 @@
 2. Seconds per evaluation (k-NN, the papers' ks) at each D of ``--time-D`` with N = ``--time-N``;
    for D > 100,000 with N = ``--big-N`` and extrapolated to N = ``--time-N`` by the N² cost of the
    distance matrix (said so in the output).
+3. The trial's stall at a log step (``--stall-D``, N = ``--time-N``): the sink's evaluate() call,
+   synchronous (the trial waits for the entropy) and asynchronous (the engine's: it only ships the
+   last chunk and submits).
 """
 from __future__ import annotations
 
@@ -65,30 +68,29 @@ class PeakSampler:
         self.peak = max(self.peak, private_bytes())
 
 
-def fill(res, key: str, n: int, D: int, seed: int = 0) -> list:
-    """Register a trial with one k-NN spec of window n and add n snapshots (a random walk) in chunks."""
+def fill(n: int, D: int, seed: int = 0):
+    """A WindowIndex with one k-NN spec of window n holding n snapshots (a random walk) in chunks."""
     import ray
 
+    from engine.reservoir import WindowIndex
+
     rng = np.random.default_rng(seed)
-    res.register(key, [{"name": "knn", "window": n, "stride": 1, "ks": KS}])
+    idx = WindowIndex([{"name": "knn", "window": n, "stride": 1, "ks": KS}])
     x = rng.standard_normal(D).astype(np.float32)
-    refs = []
     for start in range(0, n, CHUNK):
         k = min(CHUNK, n - start)
         block = np.empty((k, 1, D), dtype=np.float32)
         for i in range(k):
             x += 0.01 * rng.standard_normal(D).astype(np.float32)
             block[i, 0] = x
-        ref = ray.put(block)
-        refs.append(ref)
-        res.add(key, list(range(start, start + k)), [ref])
+        idx.add(list(range(start, start + k)), ray.put(block))
         del block
-    return refs
+    return idx
 
 
-def evaluate_once(res, key: str, n: int) -> tuple[dict, float]:
+def evaluate_once(res, idx, n: int) -> tuple[dict, float]:
     t0 = time.perf_counter()
-    rows = res.evaluate(key, n - 1, 1)
+    rows = res.evaluate("bench", n - 1, 1, [(idx.specs[0], idx.window(0, n - 1))])
     return rows[0], time.perf_counter() - t0
 
 
@@ -99,6 +101,7 @@ def main(argv=None) -> int:
     p.add_argument("--time-N", type=int, default=1000)
     p.add_argument("--time-D", default="24408,43692,1550016")
     p.add_argument("--big-N", type=int, default=100)
+    p.add_argument("--stall-D", type=int, default=24_408)
     args = p.parse_args(argv)
     import ray
     import torch
@@ -111,10 +114,10 @@ def main(argv=None) -> int:
     res = Reservoir()           # the actor's class, run here so that its memory is this process's
     print(f"torch threads: {torch.get_num_threads()}")
 
-    fill(res, "peak", args.peak_N, args.peak_D)
+    idx = fill(args.peak_N, args.peak_D)
     with PeakSampler() as s:
         base = private_bytes()
-        row, secs = evaluate_once(res, "peak", args.peak_N)
+        row, secs = evaluate_once(res, idx, args.peak_N)
     extra = max(0, s.peak - base)
     print(f"\n1. peak memory, D = {args.peak_D:,}, N = {args.peak_N}: window W = {W / 2**30:.2f} GiB in the "
           f"object store; private growth during the evaluation {extra / 2**20:.0f} MiB; "
@@ -123,20 +126,52 @@ def main(argv=None) -> int:
     W1000 = 1000 * args.peak_D * 4
     print(f"   at N = 1000 (W = {W1000 / 2**30:.2f} GiB) the extra memory is one column block and the "
           f"1000 × 1000 matrices, ≤ {extra / 2**20:.0f} MiB + 16 MiB: ≤ {(W1000 + extra + 2**24) / W1000:.3f} × W")
-    res.forget("peak")
+    del idx
 
     print(f"\n2. seconds per k-NN evaluation (ks {KS}), {torch.get_num_threads()} threads:")
     for D in [int(d) for d in args.time_D.split(",") if d]:
         n = args.time_N if D <= 100_000 else args.big_N
-        key = f"time{D}"
-        fill(res, key, n, D, seed=1)
-        _, secs = evaluate_once(res, key, n)
-        res.forget(key)
+        idx = fill(n, D, seed=1)
+        _, secs = evaluate_once(res, idx, n)
+        del idx
         note = "" if n == args.time_N else (f"  (N = {n}; × ({args.time_N}/{n})² → "
                                             f"≈ {secs * (args.time_N / n) ** 2:.0f} s at N = {args.time_N})")
         print(f"   D = {D:>9,}  N = {n:>5}: {secs:7.2f} s{note}")
+    stall(args.stall_D, args.time_N)
     ray.shutdown()
     return 0
+
+
+def stall(D: int, n: int) -> None:
+    """3. How long the trial waits at a log step: the sink's evaluate() call, synchronous (the old
+    behaviour) and asynchronous (the engine's), with the window's last chunk still to ship."""
+    import torch
+
+    from engine.reservoir import ReservoirSink, get_reservoir
+
+    import ray
+
+    res = get_reservoir()
+    ray.get(res.pid.remote())           # the actor is up before anything is timed
+    spec = [{"name": "knn", "window": n, "stride": 1, "ks": KS}]
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, D, generator=g)
+    print(f"\n3. the trial's stall per log step, D = {D:,}, N = {n} (evaluation in the reservoir actor):")
+    for asynchronous in (False, True):
+        sink = ReservoirSink(f"stall{asynchronous}", spec, 1, D, "cpu", reservoir=res, asynchronous=asynchronous)
+        for it in range(n):
+            x += 0.01 * torch.randn(1, D, generator=g)
+            sink.put(it, x)
+        t0 = time.perf_counter()
+        sink.evaluate(n - 1)
+        waited = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        sink.collect(wait=True)
+        later = time.perf_counter() - t0
+        print(f"   {'asynchronous' if asynchronous else 'synchronous '}: evaluate() blocked the trial "
+              f"{waited * 1000:8.1f} ms" + (f" (the result came {later:.2f} s later, while training "
+                                            f"would go on)" if asynchronous else ""))
+        sink.close()
 
 
 if __name__ == "__main__":

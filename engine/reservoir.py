@@ -1,21 +1,27 @@
-"""The entropy reservoir: a Ray actor per node that owns the trials' snapshot windows.
+"""The entropy reservoir: a Ray actor per node that computes the entropy of the trials' windows.
 
-A trial never keeps a window of weights. Its ``ReservoirSink`` gathers snapshots into chunks (on the
-trial's device, no host synchronisation), moves a full chunk to the host once and ``ray.put``s it into
-the node's object store, then hands the ``ObjectRef`` to the reservoir of the *same node*. The reservoir
-remembers, per trial and estimator, which chunk holds which iteration, drops a chunk as soon as none of
-its snapshots can still fall in a window, and at a log step reads the window back from the local object
-store and computes the entropy with ``trainables.sinks.window_entropy`` — the same function the
-single-process ``LocalSink`` uses, so both give identical values for the same window.
+A trial never keeps a window of weights in its own memory. Its ``ReservoirSink`` gathers snapshots
+into chunks (on the trial's device, no host synchronisation), moves a full chunk to the host once and
+``ray.put``s it into the node's object store; the trial's process owns these objects. The sink's
+:class:`WindowIndex` remembers which chunk holds which iteration and drops a chunk as soon as none of
+its snapshots can still fall in a window. At a log step the sink sends the reservoir of the *same
+node* the window's chunk references (a few per window, nothing copied); the reservoir reads the chunks
+from the local object store without copying them (:class:`ChunkedWindow`) and computes the entropy
+with ``trainables.sinks.window_entropy`` — the same function the single-process ``LocalSink`` uses, so
+both give identical values for the same window.
 
 Memory bound per trial (object store): for each estimator, at most ``(window + chunk − 1)`` snapshots of
-``n_members × D × 4`` bytes (float32), e.g. (1000 + 32) × 1 × 24,408 × 4 ≈ 0.10 GB for ConvNet-8 with the k-NN window and
-≈ 6.4 GB for ConvNet-64.
+``n_members × D × 4`` bytes (float32), e.g. (1000 + 32) × 1 × 24,408 × 4 ≈ 0.10 GB for ConvNet-8 with
+the k-NN window and ≈ 6.4 GB for ConvNet-64; an evaluation adds one column block (≤ 2^25 float64 values)
+and the N × N distance matrix, not a copy of the window (benchmarks/bench_reservoir.py).
 
-Failure semantics: the actor restarts on failure (``max_restarts=-1``) but its state is gone, and so are
-the objects of a trial process that died. A window with any snapshot missing is never evaluated: that
-member's row gets ``entropy_missing = 1`` and the window refills from the next snapshots on. Every
-call from the trial is guarded, so a reservoir problem never fails a trial.
+Failure semantics: the reservoir holds no state a trial needs: if it dies, Ray restarts it and runs
+the pending evaluation again (``max_task_retries=-1``). The windows die with the trial's process; a
+restored trial rebuilds them by replay (engine.replay). Every call from the trial is guarded, so a
+reservoir problem never fails a trial: that log step's rows get ``entropy_missing = 1`` instead.
+
+Asynchronous mode (the engine's): ``evaluate`` only submits the evaluation and returns empty rows; the
+trial keeps training and picks the results up, in log-step order, with :meth:`ReservoirSink.collect`.
 """
 from __future__ import annotations
 
@@ -39,8 +45,7 @@ CHUNK_BYTES = 256 * 2 ** 20
 class WindowIndex:
     """Which chunk holds which snapshot, per estimator spec, with the release rule: a chunk is dropped
     as soon as none of its snapshots is among the ``window`` most recent stride-aligned ones of any
-    spec. The reservoir keeps one per trial; the trial's sink keeps its own copy (same refs), so a
-    restarted reservoir can be given the windows again."""
+    spec (the trial's sink keeps one; a dropped chunk's object is freed once no evaluation uses it)."""
 
     def __init__(self, specs: list[dict]):
         self.specs = [dict(s) for s in specs]
@@ -90,10 +95,10 @@ class ChunkedWindow:
 
     column_sliced = True
     dtype = torch.float32
-    device = torch.device("cpu")
 
-    def __init__(self, parts: list, member: int):
+    def __init__(self, parts: list, member: int, device=None):
         self.parts, self.member = parts, member
+        self.device = torch.device(device or "cpu")
         self.shape = torch.Size((sum(len(rows) for _, rows in parts), parts[0][0].shape[-1]))
 
     def dim(self) -> int:
@@ -106,45 +111,26 @@ class ChunkedWindow:
         rows, cols = key
         if rows != slice(None):
             raise IndexError("a ChunkedWindow is read in column slices only: window[:, a:b] or window[:, j]")
-        return torch.from_numpy(np.concatenate([a[r, self.member, cols] for a, r in self.parts], axis=0))
+        block = torch.from_numpy(np.concatenate([a[r, self.member, cols] for a, r in self.parts], axis=0))
+        return block.to(self.device, non_blocking=True)
 
 
 class Reservoir:
-    """Per-node window keeper (wrapped as a Ray actor by :func:`get_reservoir`)."""
+    """Per-node entropy evaluator (wrapped as a Ray actor by :func:`get_reservoir`); stateless apart
+    from counters."""
 
     def __init__(self):
-        self.trials: dict[str, WindowIndex] = {}
-        self.evaluations = 0
-        # Ray gives a 0-CPU actor one thread; the trial that asked waits idle while its entropy is
-        # computed, so use the node's cores like the single-process run does (at most 4)
         import os
+        self.served: dict[str, int] = {}        # evaluations per trial key
+        self.evaluations = 0
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # Ray gives a 0-CPU actor one thread; use the node's cores like the single-process run (≤ 4)
         torch.set_num_threads(max(1, min(os.cpu_count() or 1, 4)))
-        # several trials share a node's reservoir and the actor serves them on a few threads: the
-        # bookkeeping is done under this lock, the entropy computation outside it
         self.lock = threading.Lock()
 
-    def register(self, trial_key: str, specs: list[dict]) -> None:
-        with self.lock:
-            self.trials[trial_key] = WindowIndex(specs)
-
-    def add(self, trial_key: str, iterations: list[int], refs: list) -> None:
-        """Take a chunk of snapshots (shape (k, n_members, D)) holding ``iterations``."""
-        with self.lock:
-            windows = self.trials.get(trial_key)
-            if windows is not None:     # else the reservoir restarted: the trial registers again
-                windows.add(iterations, refs[0])
-
-    def evaluate(self, trial_key: str, t: int, n_members: int,
-                 spec_ids: list[int] | None = None) -> list[dict] | None:
-        """Entropy rows at log step t, or None if this reservoir does not know the trial (restarted)."""
-        with self.lock:
-            windows = self.trials.get(trial_key)
-            if windows is None:
-                return None
-            jobs = [(windows.specs[k], windows.window(k, t)) for k in range(len(windows.specs))
-                    if (spec_ids is None or k in spec_ids)
-                    and window_complete(t, int(windows.specs[k]["window"]),
-                                        int(windows.specs[k].get("stride", 1)))]
+    def evaluate(self, trial_key: str, t: int, n_members: int, jobs: list) -> list[dict]:
+        """Entropy rows at log step t. ``jobs``: [(spec, window)] with window = [(chunk ref, row)]
+        oldest first, or None when a snapshot is missing (that step's rows get entropy_missing)."""
         rows: list[dict] = [{} for _ in range(n_members)]
         for spec, where in jobs:
             parts = self._read(trial_key, t, where)
@@ -153,8 +139,10 @@ class Reservoir:
                     r["entropy_missing"] = 1.0
                 continue
             for m in range(n_members):
-                rows[m].update(window_entropy(ChunkedWindow(parts, m), spec))
-        self.evaluations += 1
+                rows[m].update(window_entropy(ChunkedWindow(parts, m, self.device), spec))
+        with self.lock:
+            self.evaluations += 1
+            self.served[trial_key] = self.served.get(trial_key, 0) + 1
         return rows
 
     @staticmethod
@@ -181,11 +169,12 @@ class Reservoir:
 
     def forget(self, trial_key: str) -> None:
         with self.lock:
-            self.trials.pop(trial_key, None)
+            self.served.pop(trial_key, None)
 
     def stats(self) -> dict:
-        return {key: {"chunks": len(w.chunks), "snapshots": w.snapshot_counts()}
-                for key, w in self.trials.items()} | {"_evaluations": self.evaluations}
+        with self.lock:
+            return {key: {"evaluations": n} for key, n in self.served.items()} | {
+                "_evaluations": self.evaluations, "_device": str(self.device)}
 
     def pid(self) -> int:
         import os
@@ -232,17 +221,15 @@ def shutdown_reservoirs(wait_s: float = 30.0) -> int:
 
 
 class ReservoirSink:
-    """The trial's side: chunk snapshots on the device, ship them, ask for entropy at log steps.
+    """The trial's side: chunk snapshots on the device, ship them, have windows evaluated at log steps.
 
-    It keeps its own :class:`WindowIndex` of the chunks it shipped (the objects are owned by this
-    process, so they outlive a reservoir restart): when the reservoir answers that it lost the trial,
-    the sink registers again, hands every kept chunk over again and asks once more. While
-    ``replaying`` (a restored trial rebuilding its windows, engine.replay) snapshots are shipped but
-    nothing is evaluated.
+    While ``replaying`` (a restored trial rebuilding its windows, engine.replay) snapshots are kept but
+    nothing is evaluated. With ``asynchronous=True``, :meth:`evaluate` submits and returns empty rows;
+    :meth:`collect` returns the finished evaluations in log-step order.
     """
 
     def __init__(self, trial_key: str, specs: list[dict], n_members: int, D: int, device,
-                 reservoir=None, chunk_snapshots: int | None = None):
+                 reservoir=None, chunk_snapshots: int | None = None, asynchronous: bool = False):
         self.trial_key, self.specs, self.n_members, self.D = trial_key, [dict(s) for s in specs], n_members, D
         per_snapshot = max(1, n_members * D * 4)
         self.chunk = max(1, min(chunk_snapshots or CHUNK_SNAPSHOTS, CHUNK_BYTES // per_snapshot))
@@ -250,12 +237,9 @@ class ReservoirSink:
         self.buffered: list[int] = []
         self.windows = WindowIndex(self.specs)
         self.replaying = False
-        self.reregistered = 0           # times the reservoir had lost this trial and was refilled
-        # the reservoir serves calls on several threads, so our adds may land in any order: wait for
-        # all of them (not just the last) before asking for entropy
-        self.pending_adds: list = []
+        self.asynchronous = asynchronous
+        self.outstanding: list[tuple[int, object]] = []     # (log step, result ref), oldest first
         self.reservoir = reservoir if reservoir is not None else get_reservoir()
-        self._guard(lambda: ray.get(self.reservoir.register.remote(trial_key, self.specs)))
 
     def _guard(self, fn, default=None):
         try:
@@ -277,43 +261,47 @@ class ReservoirSink:
         ref = ray.put(self.buffer[:k].cpu().numpy().copy())
         its, self.buffered = self.buffered, []
         self.windows.add(its, ref)
-        self._ship(its, ref)
 
-    def _ship(self, its: list[int], ref) -> None:
-        ref_add = self._guard(lambda: self.reservoir.add.remote(self.trial_key, its, [ref]))
-        if ref_add is not None:
-            self.pending_adds.append(ref_add)
-
-    def _ask(self, t: int, spec_ids) -> list[dict] | None:
-        if self.pending_adds:
-            self._guard(lambda: ray.get(self.pending_adds))
-            self.pending_adds = []
-        return self._guard(lambda: ray.get(
-            self.reservoir.evaluate.remote(self.trial_key, t, self.n_members, spec_ids)))
-
-    def refill(self) -> None:
-        """Register again and hand the reservoir every chunk this sink still keeps."""
-        self.reregistered += 1
-        log.warning("reservoir lost %s: registering again with %d kept chunks", self.trial_key,
-                    len(self.windows.chunks))
-        self._guard(lambda: ray.get(self.reservoir.register.remote(self.trial_key, self.specs)))
-        for its, ref in self.windows.live():
-            self._ship(its, ref)
+    def _missing(self) -> list[dict]:
+        return [{"entropy_missing": 1.0} for _ in range(self.n_members)]
 
     def evaluate(self, t: int, spec_ids: list[int] | None = None) -> list[dict]:
         if self.replaying:
             return [{} for _ in range(self.n_members)]
         self.flush()
-        rows = self._ask(t, spec_ids)
-        if rows is None:        # the reservoir restarted (or failed) and lost this trial
-            self.refill()
-            rows = self._ask(t, spec_ids)
-        return rows if rows is not None else [{"entropy_missing": 1.0} for _ in range(self.n_members)]
+        jobs = [(spec, self.windows.window(k, t)) for k, spec in enumerate(self.specs)
+                if (spec_ids is None or k in spec_ids)
+                and window_complete(t, int(spec["window"]), int(spec.get("stride", 1)))]
+        ref = self._guard(lambda: self.reservoir.evaluate.remote(self.trial_key, t, self.n_members, jobs))
+        if not self.asynchronous:
+            return self._result(ref)
+        self.outstanding.append((t, ref))
+        return [{} for _ in range(self.n_members)]
+
+    def _result(self, ref) -> list[dict]:
+        rows = None if ref is None else self._guard(lambda: ray.get(ref))
+        return rows if rows is not None else self._missing()
+
+    def pending(self) -> list[int]:
+        """Log steps whose evaluation has not been collected yet."""
+        return [t for t, _ in self.outstanding]
+
+    def collect(self, wait: bool = False) -> list[tuple[int, list[dict]]]:
+        """[(log step, rows)] of the evaluations finished so far (all of them if ``wait``), in order."""
+        out = []
+        while self.outstanding:
+            t, ref = self.outstanding[0]
+            if not wait and ref is not None and not ray.wait([ref], timeout=0)[0]:
+                break
+            self.outstanding.pop(0)
+            out.append((t, self._result(ref)))
+        return out
 
     def close(self) -> None:
+        self.collect(wait=True)
         self._guard(lambda: ray.get(self.reservoir.forget.remote(self.trial_key)))
 
-    # the window lives in the reservoir (and this sink's refs), not in the trial's checkpoint: a
+    # the window lives in the object store (owned by this process), not in the trial's checkpoint: a
     # restored trial rebuilds it by replay (engine.replay)
     def state_dict(self) -> dict:
         return {}
