@@ -185,15 +185,18 @@ def reservoir_name(node_id: str) -> str:
     return NAME_PREFIX + node_id
 
 
-def get_reservoir(node_id: str | None = None):
-    """The reservoir of a node (this worker's node by default), created on first use and pinned there."""
+def get_reservoir(node_id: str | None = None, num_gpus: float = 0.0):
+    """The reservoir of a node (this worker's node by default), created on first use and pinned there.
+
+    With ``num_gpus`` > 0 (the first caller decides) it holds that share of one of the node's GPUs and
+    computes there; with 0, Ray hides the GPUs from it and it computes on the node's CPUs."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     node_id = node_id or ray.get_runtime_context().get_node_id()
     actor_cls = ray.remote(Reservoir)
     return actor_cls.options(
         name=reservoir_name(node_id), namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
-        num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=4,
+        num_cpus=0, num_gpus=num_gpus, max_restarts=-1, max_task_retries=-1, max_concurrency=4,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
     ).remote()
 
