@@ -80,18 +80,19 @@ def train_bundle(config: dict) -> None:
             keeper.observe(runner, t)
         out.add(event, awaits_entropy=sink is not None and t in sink.pending())
         finished = all(s != "running" for s in runner.status)
+        reported = []
         if finished or checkpoint_due(every, last_ckpt, t):
             if out.held is not None:            # the previous checkpoint still waits for entropy
-                out.report(wait=True)
+                reported.append(out.report(wait=True))
             out.hold_checkpoint(runner, keeper, t)
             last_ckpt = t
-        elif time.monotonic() - last_report < report_every:
+        elif out.held is None and time.monotonic() - last_report < report_every:
             continue            # log steps come fast in short runs: hand them over in batches
-        reported = out.report(wait=finished)
-        if reported is not None:
+        reported.append(out.report(wait=finished))
+        for r in filter(None, reported):
             last_report = time.monotonic()
             if restored is None:
-                _inject(faults, reported[0], sink, reported[1])
+                _inject(faults, r[0], sink, r[1])
     if sink is not None:
         sink.close()
 

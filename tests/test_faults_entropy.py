@@ -110,7 +110,11 @@ def clean_run(ray_session, tmp_path_factory):
     return {"work": work, "uri": uri, "storage": storage, "hist": hist}
 
 
-def _assert_identical(clean_hist: dict, uri: str, experiment: str) -> None:
+def _assert_identical(clean_hist: dict, uri: str, experiment: str, storage: str) -> None:
+    from pathlib import Path
+
+    # the trial's checkpoints carried anchors: its windows reach back across checkpoints
+    assert list(Path(storage).glob(f"{experiment}_*/t000/checkpoint_*/anchor.json")), experiment
     hist, tags = member_histories(uri, experiment)
     assert tags["thermosweep.status"] == "done"
     d = compare(clean_hist, hist)
@@ -127,7 +131,7 @@ def test_worker_or_reservoir_kill_loses_no_entropy(clean_run, case, fault, failu
     assert summary["members"]["done"] == 1, summary
     trials = ExperimentAnalysis(summary["sweep_dir"]).trials
     assert [t.num_failures for t in trials] == [failures]     # the worker kill did happen and was retried
-    _assert_identical(clean_run["hist"], clean_run["uri"], case)
+    _assert_identical(clean_run["hist"], clean_run["uri"], case, clean_run["storage"])
 
 
 @pytest.mark.parametrize("case, sig", [("driver_sigint", signal.SIGINT), ("driver_kill9", signal.SIGKILL)])
@@ -141,4 +145,4 @@ def test_driver_fault_then_resume_loses_no_entropy(clean_run, case, sig):
     assert r["first_rc"] != 0 and r["rc"] == 0, r["out"][-3000:]
     assert r["held_at"] >= FAULT_AT and r["held_at"] < ITERATIONS
     assert r["starts"] == ["fresh", "restored"]            # resumed from its checkpoint, not from 0
-    _assert_identical(clean_run["hist"], clean_run["uri"], case)
+    _assert_identical(clean_run["hist"], clean_run["uri"], case, clean_run["storage"])
