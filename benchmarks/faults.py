@@ -3,7 +3,7 @@
     python benchmarks/faults.py [--iterations 400] [--cases worker_kill,reservoir_kill,...]
 
 Cases (all real faults, on a local Ray and an MLflow SQLite store in a temporary directory):
-- ``worker_kill``     SIGKILL of the trial's worker process after a checkpoint; Tune retries the trial
+- ``worker_kill``     SIGKILL of the trial's worker process mid-run; Tune retries the trial
                       from its last checkpoint (engine.trainable's ``_fault_kill_at`` hook).
 - ``reservoir_kill``  SIGKILL of the node's reservoir actor process mid-run (the actor restarts empty).
 - ``driver_sigint``   SIGINT of ``python -m engine.sweep`` while the trial is mid-run, then ``--resume``.
@@ -34,7 +34,7 @@ ENTROPY = ("entropy=[{name: knn, window: 70, stride: 1, ks: [1, 5, 19]}, "
 FAULT_AT = 130
 CASES = ("worker_kill", "reservoir_kill", "driver_sigint", "driver_kill9")
 INJECTED = {
-    "worker_kill": f"SIGKILL of the trial worker after the first checkpoint at iteration ≥ {FAULT_AT}",
+    "worker_kill": f"SIGKILL of the trial worker at the first report at iteration ≥ {FAULT_AT}",
     "reservoir_kill": f"SIGKILL of the reservoir actor at the first report at iteration ≥ {FAULT_AT}",
     "driver_sigint": f"SIGINT of the driver with the trial held after a checkpoint at ≥ {FAULT_AT}; --resume",
     "driver_kill9": f"SIGKILL of the driver (and its Ray) with the trial held at ≥ {FAULT_AT}; --resume",
