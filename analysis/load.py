@@ -37,7 +37,7 @@ REGIME_TAG = "thermosweep.regime"
 PARENT_TAG = "mlflow.parentRunId"
 RUNNING_PREFIX = "running/"
 
-FLOAT_KEYS = {"lr", "wd", "radius", "noise"}
+FLOAT_KEYS = {"lr", "wd", "radius", "noise", "momentum", "beta1", "beta2", "adam_eps"}
 INT_KEYS = {"width", "batch_size", "iterations", "seed", "init_seed", "head_seed", "data_seed",
             "running_every", "num_stoch_grads", "samples_per_label", "D", "dim", "mu_seed"}
 BAD_STATUS = {"diverged", "failed"}

@@ -1,7 +1,11 @@
 """Sweep report: figures and summary tables for one MLflow experiment (THEORY.md §§5–7).
 
     python -m analysis.report --experiment NAME [--tracking-uri URI] [--out DIR]
-        [--parent-run ID] [--window W] [--eps E] [--lr-range LO HI] [--no-upload]
+        [--parent-run ID] [--window W] [--eps [MATCH:]E] [--lr-range [MATCH] LO HI] [--no-upload]
+
+ε, the LR segment, W, the phase-diagram window and the OP smoothing are chosen per group of members
+(analysis.settings): report options first, then the grid's ``analysis:`` block (read from the parent
+run's grid.yaml), then the papers' defaults by regime. Each group's ε is printed.
 
 Writes PNG figures, ``summary.md``, ``summary.csv`` and per-section CSV tables into OUT
 (default ``reports/NAME``), then logs the folder to the parent run under ``report/``.
@@ -27,19 +31,23 @@ import traceback
 
 import numpy as np
 import pandas as pd
+import torch
+import yaml
 
 from analysis import figures as fg
 from analysis import ideal_gas as ig
 from analysis.figures import plt
-from analysis.free_energy import fit_temperature, free_energy_curves, temperature_along_training
+from analysis.free_energy import (fit_temperature, free_energy_curves, smooth_log_gaussian,
+                                  temperature_along_training)
 from analysis.load import WINDOW_DEFAULT, WINDOW_IDEAL_GAS, SweepNotFound, Sweep, load_experiment
 from analysis.sections import (SECTIONS, Options, SectionResult, Skip, finite_rows, for_each_group,
                                finite_stat, group_members, heatmap, member_table, register_section,
                                rel_err, slug, split_by_member, write_table)
+from analysis.settings import (apply_windows, group_settings, member_windows, read_grid_block,
+                               slice_range)
 from analysis.snr import default_phase_threshold, gradient_phase_exponent
 
-PLUGINS = ("analysis.toys_report",)
-UNIFORM_MAX_D = 50_000
+PLUGINS = ("analysis.toys_report", "analysis.open_questions")
 
 
 # -----------------------------------------------------------------------------
@@ -112,6 +120,7 @@ def _knn_k(names, k_max):
 
 
 _UNIFORM_CACHE: dict = {}
+NETWORK_MODELS = ("convnet", "resnet18")
 
 
 def _knn_window(entropy_param):
@@ -132,6 +141,47 @@ def uniform_entropy(D, n, k):
     return _UNIFORM_CACHE[key]
 
 
+def uniform_loss(member: dict, n: int, D: int, device="auto"):
+    """Expected train loss of the member's network for θ uniform on the unit sphere (THEORY.md §4
+    "uniform reference"): n directions, each loaded into the model, train loss over the training
+    (sub)set in train-mode BN chunks of 1024, on the device (cuda if available). Cached per setup.
+    Raises ValueError when the model cannot be rebuilt (a toy, or D ≠ the member's D)."""
+    from trainables.data import load_dataset
+    from trainables.defaults import resolve_device
+    from trainables.entropy import uniform_sphere_reference
+    from trainables.metrics import evaluate
+    from trainables.models import build_model, flatten_si_parameters
+
+    keys = ("model", "width", "dataset", "samples_per_label", "loss", "init_seed", "head_seed", "data_seed",
+            "data_dir")
+    cfg = {k: member.get(k) for k in keys}
+    if cfg["model"] not in NETWORK_MODELS:
+        raise ValueError(f"model {cfg['model']!r} is not a network")
+    cache_key = ("loss", int(n), repr(sorted(cfg.items())))
+    if cache_key not in _UNIFORM_CACHE:
+        dev = resolve_device(device)
+        spl = cfg["samples_per_label"]
+        data = load_dataset(cfg["dataset"], data_dir=cfg["data_dir"], download=False, device=dev,
+                            samples_per_label=None if spl is None or spl != spl else int(spl),
+                            data_seed=int(cfg["data_seed"] or 1))
+        model = build_model(cfg["model"], int(cfg["width"]), data.num_classes, in_channels=data.in_channels,
+                            loss=cfg["loss"] or "ce", init_seed=int(cfg["init_seed"] or 1),
+                            head_seed=int(cfg["head_seed"] or 4)).to(dev)
+        theta, _ = flatten_si_parameters(model)
+        if theta.numel() != int(D):
+            raise ValueError(f"the rebuilt model has D = {theta.numel()}, the members logged D = {int(D)}")
+
+        def loss_fn(rows):
+            out = torch.empty(rows.shape[0], dtype=torch.float64)
+            for i, row in enumerate(rows):
+                theta.copy_(row)
+                out[i] = evaluate(model, data.x_train, data.y_train, cfg["loss"] or "ce", train_mode=True)[0]
+            return out
+        _UNIFORM_CACHE[cache_key] = uniform_sphere_reference(int(D), n=int(n), ks=[1], loss_fn=loss_fn,
+                                                             device=dev)["train_loss"]
+    return _UNIFORM_CACHE[cache_key]
+
+
 def _steadily_decreasing(U, frac=0.8):
     d = np.diff(U)
     return d.size > 0 and (d < 0).mean() >= frac and U[-1] < U[0]
@@ -148,13 +198,37 @@ def free_energy_section(sweep, out_dir, opts):
     tab = member_table(sweep)
     if "lr" not in tab.columns:
         raise Skip("members have no lr param")
-    seg = f"lr range {opts.lr_range}" if opts.lr_range else "automatic segment rule"
-    res.notes.append(f"S = {ent}; ε = {opts.eps}; smoothing h = {opts.h}; {seg}")
-    res.notes.append("uniform-reference loss asymptote not drawn: it needs the model "
-                     "(trainables.entropy.uniform_sphere_reference with a loss_fn)")
+    res.notes.append(f"S = {ent}; smoothing h = {opts.h}; ε and the LR segment per group (below)")
     by_member = split_by_member(sweep.series, tab.index)
     return for_each_group(res, tab, ("lr",), lambda label, g: _free_energy_group(
         by_member, out_dir, opts, res, label, g.sort_values("lr"), ent, K))
+
+
+def _uniform_asymptotes(g, label, K, opts, res):
+    """(S, U) of θ uniform on the unit sphere (THEORY.md §4), the asymptotes of large LRs; None where
+    unavailable (a note says why). S from n = the k-NN window N samples (or --uniform-n), U from
+    the member's model over its training set (skipped with --no-uniform-loss)."""
+    D = g["D"].dropna().unique() if "D" in g else []
+    if len(D) != 1:
+        res.notes.append(f"group {label}: no single D param; uniform reference skipped")
+        return None, None
+    S_uni = U_uni = None
+    N = _knn_window(g["entropy"].iloc[0]) if "entropy" in g else 1000
+    n = opts.uniform_n or N
+    try:
+        S_uni = uniform_entropy(D[0], n, K)
+        note = "" if n == N else f" (≠ window N = {N}: not on the same scale)"
+        res.notes.append(f"group {label}: uniform reference S = {S_uni:.6g} from n = {n} samples{note}")
+    except Exception as e:  # noqa: BLE001 - a missing reference must not stop the section
+        res.notes.append(f"group {label}: uniform reference S failed: {e}")
+    if opts.uniform_loss:
+        try:
+            U_uni = uniform_loss(g.iloc[0].to_dict(), opts.uniform_loss_n, D[0])
+            res.notes.append(f"group {label}: uniform reference U = {U_uni:.6g} (train loss, "
+                             f"{opts.uniform_loss_n} uniform directions)")
+        except Exception as e:  # noqa: BLE001
+            res.notes.append(f"group {label}: uniform reference U skipped: {e}")
+    return S_uni, U_uni
 
 
 def _free_energy_group(by_member, out_dir, opts, res, label, g, ent, K):
@@ -172,27 +246,20 @@ def _free_energy_group(by_member, out_dir, opts, res, label, g, ent, K):
     if len(agg) < 3:
         raise Skip(f"only {len(agg)} distinct LR(s) with finite U and S; need ≥ 3")
     lrs, U, S = agg.index.to_numpy(float), agg["train_loss"].to_numpy(), agg[ent].to_numpy()
+    st = group_settings(g, opts)
+    lr_range = st.lr_range
     try:
-        fit = fit_temperature(lrs, U, S, opts.eps, h=opts.h, lr_range=opts.lr_range)
+        if st.lr_slice is not None:      # a slice of the group's own sorted LR grid (THEORY.md §5.1)
+            lr_range = slice_range(g["lr"].unique(), st.lr_slice)
+        fit = fit_temperature(lrs, U, S, st.eps, h=opts.h, lr_range=lr_range)
     except ValueError as e:
         raise Skip(f"temperature fit failed: {e}") from None
+    msg = (f"group {label}: {st.regime.upper()} ({st.regime_source}); ε = {st.eps:g} ({st.eps_source}); "
+           f"{st.segment_text()}")
+    print(f"[free_energy] {msg}")
+    res.notes.append(msg)
 
-    # uniform-sphere entropy asymptote
-    S_uni = None
-    D = g["D"].dropna().unique() if "D" in g else []
-    if len(D) != 1:
-        res.notes.append(f"group {label}: no single D param; uniform reference skipped")
-    elif D[0] > UNIFORM_MAX_D:
-        res.notes.append(f"group {label}: D = {int(D[0])} > {UNIFORM_MAX_D}; uniform entropy reference skipped")
-    else:
-        N = _knn_window(g["entropy"].iloc[0]) if "entropy" in g else 1000
-        n = opts.uniform_n or N
-        try:
-            S_uni = uniform_entropy(D[0], n, K)
-            note = "" if n == N else f" (≠ window N = {N}: not on the same scale)"
-            res.notes.append(f"group {label}: uniform reference S = {S_uni:.6g} from n = {n} samples{note}")
-        except Exception as e:  # noqa: BLE001 - a missing reference must not stop the section
-            res.notes.append(f"group {label}: uniform reference failed: {e}")
+    S_uni, U_uni = _uniform_asymptotes(g, label, K, opts, res)
 
     colors, sm = fg.value_colors(g["lr"])
     # 1. training curves
@@ -217,6 +284,8 @@ def _free_energy_group(by_member, out_dir, opts, res, label, g, ent, K):
         a.set_ylabel(name)
     if S_uni is not None:
         fg.off_scale_line(ax[0, 1], S_uni, S_all, "uniform on sphere")
+    if U_uni is not None:
+        fg.off_scale_line(ax[0, 0], U_uni, U_all, "uniform on sphere")
     for a in ax[0]:
         a.legend()
     fig.suptitle(f"stationary values, {label}")
@@ -240,7 +309,7 @@ def _free_energy_group(by_member, out_dir, opts, res, label, g, ent, K):
     a.set_yscale("log")
     a.set_xlabel(fg.ETA)
     a.set_ylabel("temperature T")
-    a.set_title(f"T(η), {label}, ε = {opts.eps}")
+    a.set_title(f"T(η), {label}, ε = {st.eps:g}")
     a.legend()
     res.figures.append(fg.save(fig, out_dir, f"fe_{s}_temperature.png"))
 
@@ -264,19 +333,29 @@ def _free_energy_group(by_member, out_dir, opts, res, label, g, ent, K):
     fg.colorbar(fig, ax, seg_sm, label=r"$\eta_i$ of the curve's $T_i$")
     res.figures.append(fg.save(fig, out_dir, f"fe_{s}_free_energy.png"))
 
-    # 5. OP temperature decay along training, smallest LRs whose U decreases steadily
+    # 5. OP temperature decay along training: the smallest LRs whose U decreases steadily (§5.6)
     rows, lines = [], []
-    for rid in g.index[:3]:
+    for rid in g.index:
+        if len(lines) == st.op_lrs:
+            break
         it, (Ut, St) = finite_rows(by_member.get(rid), "train_loss", ent)
-        if it.size < 5 or not _steadily_decreasing(Ut[-100:]):
+        keep = it > 0
+        it, Ut, St = it[keep][-100:], Ut[keep][-100:], St[keep][-100:]
+        if it.size < 5 or not _steadily_decreasing(Ut):
             continue
+        if st.op_smooth_sigma is not None:   # CIFAR-100 variant: Gaussian in ln t first
+            Ut, St = (smooth_log_gaussian(it, v, st.op_smooth_sigma) for v in (Ut, St))
         Tt = temperature_along_training(Ut, St, delta=2, last=100)
-        m = min(100, it.size)
-        its = it[it.size - m + 2: it.size - m + 2 + Tt.size]
+        its = it[2:2 + Tt.size]
         lr = float(g.loc[rid, "lr"])
         rows += [{"run_id": rid, "lr": lr, "iteration": i, "T": t} for i, t in zip(its, Tt)]
         lines.append((lr, its, Tt))
     if lines:
+        write_table(pd.DataFrame(rows), out_dir, f"fe_{s}_op_temperature.csv", res)
+    if lines and not any(fg.positive(its, Tt).any() for _, its, Tt in lines):
+        res.notes.append(f"group {label}: no positive T_t along training (U and S move the same way); "
+                         "see the table")
+    elif lines:
         fig, ax = fg.figure(1, width=6)
         a = ax[0, 0]
         for lr, its, Tt in lines:
@@ -289,10 +368,9 @@ def _free_energy_group(by_member, out_dir, opts, res, label, g, ent, K):
         a.set_title(f"temperature along training, {label}")
         a.legend()
         res.figures.append(fg.save(fig, out_dir, f"fe_{s}_op_temperature.png"))
-        write_table(pd.DataFrame(rows), out_dir, f"fe_{s}_op_temperature.csv", res)
     else:
-        res.notes.append(f"group {label}: no member among the 3 smallest LRs has a steadily "
-                         "decreasing U; temperature along training not drawn")
+        res.notes.append(f"group {label}: no member has a steadily decreasing U over its last 100 logs; "
+                         "temperature along training not drawn")
 
     # tables
     seg_pos = {float(v): j for j, v in enumerate(fit.lrs)}
@@ -312,7 +390,7 @@ def _free_energy_group(by_member, out_dir, opts, res, label, g, ent, K):
     res.summary_rows.append({
         "group": label, "k": K, "exponent_a": fit.a, "prefactor_b": fit.b, "holds": bool(fit.holds),
         "n_empty": int(fit.empty.sum()), "lr_lo": float(fit.lrs[0]), "lr_hi": float(fit.lrs[-1]),
-        "n_segment": int(len(fit.lrs)), "eps": opts.eps,
+        "n_segment": int(len(fit.lrs)), "regime": st.regime, "eps": st.eps, "eps_source": st.eps_source,
         "F_minima_at_own_lr": f"{int(interior.sum())}/{interior.size}"})
 
 
@@ -338,6 +416,7 @@ def snr_section(sweep, out_dir, opts):
     by_member = split_by_member(sweep.series, tab.index)
     for label, g in group_members(tab, ("lr",)):
         g = g.sort_values("lr")
+        window = group_settings(g, opts).phase_window
         s = slug(label)
         colors, sm = fg.value_colors(g["lr"])
         fig, ax = fg.figure(len(present))
@@ -367,17 +446,18 @@ def snr_section(sweep, out_dir, opts):
                 it, (full, stoch) = finite_rows(by_member.get(rid), "full_grad_norm", "stoch_grad_mean_norm")
                 n_it = m.get("iterations")
                 n_it = int(n_it) if n_it is not None and np.isfinite(n_it) else int(it.max(initial=0))
-                thr = default_phase_threshold(max(n_it, 1))
-                e = {"group": label, "run_id": rid, "lr": float(m["lr"]), "threshold": thr,
+                # the grid's window (ResNet: 1e4 ≤ t ≤ 4e5), else ≥ 2e5 of 1.6M scaled to the run (§6)
+                thr, hi = window if window is not None else (default_phase_threshold(max(n_it, 1)), math.inf)
+                e = {"group": label, "run_id": rid, "lr": float(m["lr"]), "threshold": thr, "threshold_hi": hi,
                      "samples_per_label": m.get("samples_per_label"),
-                     "n_points": int((it >= thr).sum())}
+                     "n_points": int(((it >= thr) & (it <= hi)).sum())}
                 try:
-                    e["exponent_a"], e["intercept_b"] = gradient_phase_exponent(full, stoch, it, thr)
+                    e["exponent_a"], e["intercept_b"] = gradient_phase_exponent(full, stoch, it, thr, hi)
                 except ValueError as err:
                     e["exponent_a"] = e["intercept_b"] = float("nan")
                     res.notes.append(f"{rid} (lr={m['lr']:.4g}): phase fit skipped: {err}")
                 exps.append(e)
-                k = (it >= thr) & fg.positive(full, stoch)
+                k = (it >= thr) & (it <= hi) & fg.positive(full, stoch)
                 ax[0, 0].plot(full[k], stoch[k], ".", color=c, ms=4)
                 if np.isfinite(e["exponent_a"]) and k.any():
                     x = np.geomspace(full[k].min(), full[k].max(), 20)
@@ -391,7 +471,8 @@ def snr_section(sweep, out_dir, opts):
                 ax[0, 0].set_title(f"gradient phase diagram, {label}\n"
                                    f"smallest LR: a = {first[0]['exponent_a']:.3f}")
                 row.update(lr_min=first[0]["lr"], exponent_a=first[0]["exponent_a"],
-                           intercept_b=first[0]["intercept_b"], threshold=first[0]["threshold"])
+                           intercept_b=first[0]["intercept_b"], threshold=first[0]["threshold"],
+                           threshold_hi=first[0]["threshold_hi"])
             fg.colorbar(fig, ax, sm)
             res.figures.append(fg.save(fig, out_dir, f"snr_{s}_phase.png"))
         res.summary_rows.append(row)
@@ -627,7 +708,9 @@ def _summary_md(sweep, opts, results) -> str:
              f"- members: {len(sweep.members)}, in the stationary analysis: {len(sweep.stationary)}",
              "- stationary window W (logs): "
              + ", ".join(str(w) for w in sorted(set(sweep.stationary.get("window", pd.Series()).tolist()))),
-             f"- options: ε = {opts.eps}, lr range = {opts.lr_range or 'automatic'}, k ≤ {opts.k_max}"]
+             f"- options: ε = {'per group' if opts.eps is None else opts.eps}, lr range = "
+             f"{opts.lr_range or 'per group'}, k ≤ {opts.k_max}"
+             + (f", per-group options {list(opts.group_overrides)}" if opts.group_overrides else "")]
     lines += [f"- note: {n}" for n in sweep.notes]
     if sweep.excluded:
         lines += ["", "## Excluded members", ""]
@@ -680,12 +763,22 @@ def parse_args(argv=None):
                     help=f"stationary window W in logs (default per log schedule: {WINDOW_IDEAL_GAS} for "
                          f"ideal_gas, {WINDOW_DEFAULT} for free_energy and others, a log:N schedule the "
                          "same share of its N points)")
-    ap.add_argument("--eps", type=float, default=Options.eps, help=f"§5 tolerance ε (default {Options.eps})")
-    ap.add_argument("--lr-range", type=float, nargs=2, metavar=("LO", "HI"), default=None,
-                    help="§5 stationary segment by LR (both ends included); default automatic")
+    ap.add_argument("--eps", action="append", default=[], metavar="[MATCH:]E",
+                    help="§5 tolerance ε for every group, or for the groups whose members match MATCH "
+                         "(key=value[,key=value], e.g. width=64:0.04); repeatable. Default per group: the "
+                         "grid's analysis block, else 0.01 UP / 0.04 OP (THEORY §5)")
+    ap.add_argument("--lr-range", action="append", nargs="+", default=[], metavar="[MATCH] LO HI",
+                    help="§5 stationary segment by LR (both ends included) for every group, or for the "
+                         "groups matching MATCH (e.g. --lr-range width=8 1e-4 1e-2); repeatable. "
+                         "Default per group: the grid's analysis block, else the automatic rule")
     ap.add_argument("--k", type=int, default=Options.k_max, help="k-NN entropy k (largest logged k ≤ this)")
     ap.add_argument("--uniform-n", type=int, default=None,
                     help="samples for the uniform-sphere entropy reference (default: the knn window N)")
+    ap.add_argument("--no-uniform-loss", action="store_true",
+                    help="skip the uniform-reference loss asymptote (it runs the model over the training set "
+                         "for each of --uniform-loss-n directions)")
+    ap.add_argument("--uniform-loss-n", type=int, default=Options.uniform_loss_n,
+                    help=f"uniform directions for the loss asymptote (default {Options.uniform_loss_n})")
     ap.add_argument("--no-upload", action="store_true", help="do not attach the report to the parent run")
     ap.add_argument("--toy-u-window", type=int, default=Options.toy_u_window, metavar="ITERS",
                     help=f"toys: average U and r over the last ITERS iterations (default {Options.toy_u_window}, §8)")
@@ -694,21 +787,68 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def _parse_match(text):
+    """``key=value[,key=value]`` → {key: value} (values read as YAML scalars: 64 → 64, 1e-3 → 0.001)."""
+    out = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{text!r}: a group is named by key=value[,key=value], e.g. width=64")
+        v = yaml.safe_load(value)
+        try:
+            v = float(v) if isinstance(v, str) else v
+        except ValueError:
+            pass
+        out[key.strip()] = v
+    return out
+
+
+def _group_options(args):
+    """(ε for all, lr range for all, per-group overrides) from the repeatable --eps / --lr-range."""
+    eps_all, range_all, groups = None, None, []
+    for text in args.eps:
+        match, _, value = text.rpartition(":")
+        eps = float(value)
+        if not eps >= 0:
+            raise ValueError(f"--eps {text}: ε must be ≥ 0")
+        if match:
+            groups.append({"match": _parse_match(match), "eps": eps})
+        else:
+            eps_all = eps
+    for words in args.lr_range:
+        if len(words) not in (2, 3):
+            raise ValueError(f"--lr-range {' '.join(words)}: give LO HI, or MATCH LO HI")
+        lo, hi = float(words[-2]), float(words[-1])
+        if not 0 < lo <= hi:
+            raise ValueError(f"--lr-range {' '.join(words)}: give LO HI with 0 < LO ≤ HI")
+        if len(words) == 3:
+            groups.append({"match": _parse_match(words[0]), "lr_range": (lo, hi)})
+        else:
+            range_all = (lo, hi)
+    return eps_all, range_all, tuple(groups)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        eps_all, range_all, group_overrides = _group_options(args)
+        group_error = None
+    except ValueError as e:
+        eps_all = range_all = None
+        group_overrides, group_error = (), str(e)
     bad = [msg for wrong, msg in (
-        (args.eps < 0, f"--eps {args.eps}: must be ≥ 0"),
+        (group_error is not None, group_error),
         (args.window is not None and args.window < 1, f"--window {args.window}: must be ≥ 1"),
-        (bool(args.lr_range) and not 0 < args.lr_range[0] <= args.lr_range[1],
-         f"--lr-range {args.lr_range}: give LO HI with 0 < LO ≤ HI"),
+        (args.uniform_loss_n < 2, f"--uniform-loss-n {args.uniform_loss_n}: must be ≥ 2"),
         (args.toy_u_window < 1, f"--toy-u-window {args.toy_u_window}: must be ≥ 1 (iterations)"),
         (args.toy_pressure_window < 1, f"--toy-pressure-window {args.toy_pressure_window}: must be ≥ 1 (iterations)"),
     ) if wrong]
     if bad:
         print("error: " + "; ".join(bad) + ". Nothing was read; fix the option and run again.", file=sys.stderr)
         return 2
-    opts = Options(eps=args.eps, lr_range=tuple(args.lr_range) if args.lr_range else None,
-                   k_max=args.k, uniform_n=args.uniform_n, toy_u_window=args.toy_u_window,
+    opts = Options(eps=eps_all, lr_range=range_all, group_overrides=group_overrides,
+                   k_max=args.k, uniform_n=args.uniform_n, uniform_loss=not args.no_uniform_loss,
+                   uniform_loss_n=args.uniform_loss_n, toy_u_window=args.toy_u_window,
                    toy_pressure_window=args.toy_pressure_window)
     try:
         sweep = load_experiment(args.experiment, tracking_uri=args.tracking_uri,
@@ -716,6 +856,10 @@ def main(argv=None) -> int:
     except SweepNotFound as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    opts.grid_block, notes = read_grid_block(sweep)
+    sweep.notes += notes
+    if args.window is None:          # --window overrides every member's W; else the grid block's per group
+        apply_windows(sweep, member_windows(sweep.members, opts.grid_block))
     out_dir = args.out or os.path.join("reports", args.experiment)
     _load_plugins()
     build_report(sweep, out_dir, opts)

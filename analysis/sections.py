@@ -33,11 +33,15 @@ class Skip(Exception):
 
 @dataclass
 class Options:
-    eps: float = 0.01                 # §5 tolerance ε (loss units)
-    lr_range: tuple | None = None     # §5 manual stationary segment (lo, hi); None = automatic
+    eps: float | None = None          # §5 tolerance ε for every group; None = per group (analysis.settings)
+    lr_range: tuple | None = None     # §5 stationary segment (lo, hi) for every group; None = per group
+    group_overrides: tuple = ()       # per-group report options: ({"match": {...}, "eps"/"lr_range": ...}, ...)
+    grid_block: dict | None = None    # the grid's normalised ``analysis:`` block (analysis.settings)
     h: float = 0.3                    # §5 smoothing half-width in ln η
     k_max: int = 50                   # §5 k of the k-NN entropy: 50, or the largest logged k ≤ this
     uniform_n: int | None = None      # samples of the uniform reference (default: the knn window N)
+    uniform_loss: bool = True         # §4 uniform-reference loss asymptote (needs the model and data)
+    uniform_loss_n: int = 1000        # its samples (the free-energy paper: 1000)
     pressure_last: int = 3000         # §7 running logs averaged for r̃
     toy_u_window: int = 250_000       # §8 toys: iterations of log rows averaged for U and r
                                       # (the last 5000 running values, one every 50 iterations)

@@ -43,10 +43,11 @@ def snr_stats_from_gradients(G, gbar):
     }
 
 
-def gradient_phase_exponent(full_norms, stoch_mean_norms, iterations, min_iteration):
+def gradient_phase_exponent(full_norms, stoch_mean_norms, iterations, min_iteration, max_iteration=np.inf):
     """Fit ln(stoch_grad_mean_norm) = a · ln(full_grad_norm) + b (THEORY.md §6).
 
-    Only log steps with iteration ≥ ``min_iteration`` enter the fit; non-finite or
+    Only log steps with ``min_iteration`` ≤ iteration ≤ ``max_iteration`` enter the fit (the ResNet
+    analysis used 1e4 ≤ t ≤ 4e5); non-finite or
     non-positive norms are ignored. Returns (a, b) with b the intercept in natural log
     (so stoch ≈ e^b · full^a). a = 1 is the ideal interpolation regime.
     """
@@ -55,10 +56,10 @@ def gradient_phase_exponent(full_norms, stoch_mean_norms, iterations, min_iterat
     its = np.asarray(iterations, dtype=np.float64)
     if not (full.shape == stoch.shape == its.shape) or full.ndim != 1:
         raise ValueError("full_norms, stoch_mean_norms and iterations must be 1-D of equal length")
-    keep = its >= min_iteration
+    keep = (its >= min_iteration) & (its <= max_iteration)
     if keep.sum() < 2:
-        raise ValueError(f"only {int(keep.sum())} log steps at iteration >= {min_iteration}; "
-                         "lower min_iteration (see default_phase_threshold)")
+        raise ValueError(f"only {int(keep.sum())} log steps with {min_iteration:g} ≤ iteration ≤ {max_iteration:g}; "
+                         "widen the window: lower min_iteration (see default_phase_threshold) or raise max_iteration")
     a, prefactor = power_law_fit(full[keep], stoch[keep])
     return a, float(np.log(prefactor))
 

@@ -31,12 +31,16 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from engine.analysis_block import analysis_block_problems  # the report's `analysis:` block
+from trainables import optimizers
 from trainables.defaults import DEFAULT_KS, MEMBER_DEFAULTS  # one source of defaults
+from trainables.runner import bundle_conflicts
+from trainables.stopping import check_spec as check_stop_spec
 from trainables.schedule import log_iterations, window_complete
 
 # Extra keys that only the toys understand (DESIGN.md "Toy keys"); they override MEMBER_DEFAULTS.
 MODEL_DEFAULTS = {
-    "vmf": {"dim": 3, "noise": 1.0, "mu_seed": 44, "seed": 42},
+    "vmf": {"dim": 3, "noise": 1.0, "mu_seed": 44, "seed": 42, "stop_when": None},
     "sphere_toy": {"setting": "up"},
 }
 TOY_KEYS = {key: model for model, keys in MODEL_DEFAULTS.items() for key in keys if key not in MEMBER_DEFAULTS}
@@ -55,6 +59,8 @@ VALID = {
     "loss": {"ce", "mse"},
     "log_schedule": {"free_energy", "ideal_gas", "sphere_toy", "every:N", "log:N"},
     "setting": {"up", "op"},
+    "dtype": {"float32", "float64"},
+    "optimizer": set(optimizers.OPTIMIZERS),
     "entropy": set(ENTROPY_DEFAULTS),
 }
 
@@ -62,7 +68,7 @@ IMAGES_PER_CLASS = {"cifar10": 5000, "cifar100": 500}  # training split, THEORY.
 NETWORKS = {"convnet", "resnet18"}
 
 TOP_KEYS = ("experiment", "description", "fixed", "axes", "bundle", "resources", "max_concurrent",
-            "tracking_uri", "storage_path", "checkpoint_every", "max_failures")
+            "tracking_uri", "storage_path", "checkpoint_every", "max_failures", "analysis")
 RESOURCE_KEYS = ("cpu", "gpu")
 AXIS_SPECS = ("values", "logspace", "linspace", "geomspace", "segments")
 
@@ -240,6 +246,13 @@ def _bool(what):
     return check
 
 
+def _stop_when(v):
+    try:
+        return check_stop_spec(v)
+    except ValueError as e:
+        raise _Bad(str(e)) from None
+
+
 KEY_CHECKS = {
     "model": _choice("model"),
     "width": _int("width", 1),
@@ -263,10 +276,17 @@ KEY_CHECKS = {
     "entropy": _entropy_specs,
     "data_dir": _text("data_dir"),
     "device": _device,
+    "dtype": _choice("dtype"),
+    "optimizer": _choice("optimizer"),
+    "momentum": _optional(_float("momentum", ge=0)),
+    "beta1": _optional(_float("beta1", ge=0)),
+    "beta2": _optional(_float("beta2", ge=0)),
+    "adam_eps": _optional(_float("adam_eps", gt=0)),
     "dim": _int("dim", 2),
     "noise": _float("noise", ge=0),
     "mu_seed": _int("mu_seed", 0),
     "setting": _choice("setting"),
+    "stop_when": _stop_when,
 }
 MEMBER_KEYS = tuple(KEY_CHECKS)
 
@@ -359,7 +379,8 @@ def _apply_overrides(raw, overrides, problems):
       gives a one-value axis); a member key not on an axis goes to ``fixed``, unless the value is a list or
       an axis spec (and the key is not ``entropy``), which makes it a new axis.
     - ``fixed.lr=0.1`` pins lr: it leaves the axes (and the bundle). ``axes.width=[8, 64]`` makes an axis.
-    - ``resources.gpu=0.5``, ``max_concurrent=2``, ``experiment=x``: top-level keys.
+    - ``resources.gpu=0.5``, ``max_concurrent=2``, ``experiment=x``: top-level keys. A ``resources.cpu``
+      or ``resources.gpu`` override applies to every trial: it replaces that key in ``resources.by``.
     """
     for item in overrides:
         where = f"--set {item}"
@@ -385,6 +406,8 @@ def _apply_overrides(raw, overrides, problems):
                 problems.append(f"{where}: '{section}' is not a mapping in the grid")
                 continue
             target[sub] = value
+            if section == "resources":
+                _override_resource_everywhere(target, sub)
             if section == "fixed" and axes is not None and sub in axes:
                 del axes[sub]
                 if isinstance(raw.get("bundle"), list) and sub in raw["bundle"]:
@@ -498,6 +521,9 @@ class Grid:
                  f"each reserves cpu {_fmt(cpu)}, gpu {_fmt(gpu)}"]
         if 0 < gpu < 1:
             lines.append(f"{round(1 / gpu)} trials share one GPU")
+        for axis, entries in self.resources.get("by", {}).items():
+            lines += [f"trials with {axis} {_fmt(v)} reserve instead "
+                      + ", ".join(f"{k} {_fmt(x)}" for k, x in res.items()) for v, res in entries]
         if self.max_concurrent:
             lines.append(f"max_concurrent {self.max_concurrent}")
         if cluster is not None:
@@ -548,20 +574,172 @@ def trials_at_once(resources: dict, cluster: dict, max_concurrent: int | None = 
 
 
 def check_resources(grid: Grid, cluster_resources: dict) -> list[str]:
-    """Problems that would stop any trial from being scheduled on this cluster.
+    """Problems that would stop a trial from being scheduled on a cluster of these *total* CPUs/GPUs.
 
     ``cluster_resources``: ``{"cpu": N, "gpu": M}`` or Ray's ``ray.cluster_resources()`` (``CPU``/``GPU``).
+    Every distinct per-trial reservation (``resources.by``) is judged. The advice it gives always passes
+    the grid check (never cpu 0 together with gpu 0). Per-node and memory checks: engine.plan.
     """
     have_cpu, have_gpu = _cluster(cluster_resources)
-    cpu, gpu = grid.resources["cpu"], grid.resources["gpu"]
     problems = []
-    if cpu > have_cpu:
-        problems.append(f"resources.cpu: a trial needs {_fmt(cpu)} CPU(s) but the cluster has {_fmt(have_cpu)}; "
-                        f"lower resources.cpu (e.g. --set resources.cpu={_fmt(have_cpu)})")
-    if gpu > have_gpu:
-        fix = "set resources.gpu=0 to run on CPU" if have_gpu == 0 else f"lower resources.gpu to ≤ {_fmt(have_gpu)}"
-        problems.append(f"resources.gpu: a trial needs {_fmt(gpu)} GPU(s) but the cluster has {_fmt(have_gpu)}; {fix}")
-    return problems
+    for res in _distinct_trial_resources(grid):
+        cpu, gpu = res["cpu"], res["gpu"]
+        if cpu > have_cpu:
+            if have_cpu > 0 or gpu > 0:
+                fix = f"lower resources.cpu (e.g. --set resources.cpu={_fmt(have_cpu)})"
+            else:
+                fix = ("a trial on it needs a GPU instead (--set resources.gpu=...); on an autoscaling "
+                       "cluster whose head has CPU: 0, give the node types (--cluster-yaml)")
+            problems.append(f"resources.cpu: a trial needs {_fmt(cpu)} CPU(s) but the cluster has "
+                            f"{_fmt(have_cpu)}; {fix}")
+        if gpu > have_gpu:
+            fix = ("set resources.gpu=0 to run on CPU" if have_gpu == 0 and cpu > 0 else
+                   "set resources.gpu=0 and resources.cpu=1 to run on CPU" if have_gpu == 0 else
+                   f"lower resources.gpu to ≤ {_fmt(have_gpu)}")
+            problems.append(f"resources.gpu: a trial needs {_fmt(gpu)} GPU(s) but the cluster has "
+                            f"{_fmt(have_gpu)}; {fix}")
+    return list(dict.fromkeys(problems))
+
+
+def _distinct_trial_resources(grid: Grid) -> list[dict]:
+    found = []
+    for trial in grid.trials():
+        res = trial_resources(grid, trial)
+        if res not in found:
+            found.append(res)
+    return found
+
+
+# ----------------------------------------------------------------------------- resources per trial
+
+RESOURCES_BY_HELP = "resources.by: {width: {64: {gpu: 1}}} (axis → axis value → cpu/gpu for those trials)"
+
+
+def _override_resource_everywhere(res: dict, key: str) -> None:
+    """``--set resources.gpu=X`` means every trial: it also replaces that key in the per-axis entries."""
+    by = res.get("by")
+    if key not in RESOURCE_KEYS or not isinstance(by, dict):
+        return
+    for axis, values in list(by.items()):
+        if isinstance(values, dict):
+            for value, entry in list(values.items()):
+                if isinstance(entry, dict):
+                    entry.pop(key, None)
+                    if not entry:
+                        del values[value]
+            if not values:
+                del by[axis]
+    if not by:
+        del res["by"]
+
+
+def _resource_values(raw: dict, loc: str, problems: list, allowed=RESOURCE_KEYS) -> dict:
+    """cpu/gpu of one resources mapping, checked (each problem located at ``loc.key``)."""
+    out = {}
+    for key, value in raw.items():
+        if key not in allowed:
+            problems.append(f"{loc}.{key}: unknown key{_suggest(key, allowed)}; valid: {', '.join(allowed)}")
+            continue
+        try:
+            out[key] = _float(f"{key} per trial", ge=0)(value)
+        except _Bad as e:
+            problems.append(f"{loc}.{key}: {e}")
+    gpu = out.get("gpu", 0.0)
+    if 0 < gpu < 1 and abs(1 / gpu - round(1 / gpu)) > 1e-9:
+        problems.append(f"{loc}.gpu: {gpu:g} does not split one GPU evenly (1/gpu = {1 / gpu:.4g}); "
+                        f"use 1/n, e.g. 0.5, 0.25 or 0.2")
+    if gpu > 1 and not float(gpu).is_integer():
+        problems.append(f"{loc}.gpu: {gpu:g} GPUs; above 1 a trial must take whole GPUs (2, 3, ...)")
+    return out
+
+
+def _parse_resources(raw_res, axes: dict, bundle: list, problems: list, warnings: list) -> dict:
+    """``resources: {cpu, gpu, by}``; ``by`` gives other cpu/gpu to the trials of some axis values."""
+    raw_res = {} if raw_res is None else raw_res
+    if not isinstance(raw_res, dict):
+        problems.append(f"resources: must be a mapping such as {{cpu: 1, gpu: 0.25}}, got {raw_res!r}")
+        raw_res = {}
+    base = {k: v for k, v in raw_res.items() if k != "by"}
+    resources = {"cpu": 1.0, "gpu": 0.0, **_resource_values(base, "resources", problems,
+                                                            RESOURCE_KEYS + ("by",))}
+    by = _parse_resources_by(raw_res.get("by"), axes, bundle, problems, warnings)
+    if by:
+        resources["by"] = by
+    if resources["cpu"] == 0 and resources["gpu"] == 0 and not by:
+        problems.append("resources: a trial must reserve some cpu or gpu, otherwise Ray starts every trial at once")
+    return resources
+
+
+def _parse_resources_by(raw_by, axes: dict, bundle: list, problems: list, warnings: list) -> dict:
+    if raw_by is None:
+        return {}
+    if not isinstance(raw_by, dict):
+        problems.append(f"resources.by: must be a mapping, e.g. {RESOURCES_BY_HELP}; got {raw_by!r}")
+        return {}
+    out = {}
+    for axis, entries in raw_by.items():
+        loc = f"resources.by.{axis}"
+        if axis not in axes:
+            problems.append(f"{loc}: '{axis}' is not an axis{_suggest(axis, list(axes))}; "
+                            f"axes: {', '.join(axes) or 'none'}")
+            continue
+        if axis in bundle:
+            problems.append(f"{loc}: '{axis}' is bundled, so its values share one trial and one reservation; "
+                            f"give resources by a non-bundled axis")
+            continue
+        if not isinstance(entries, dict):
+            problems.append(f"{loc}: must map axis values to {{cpu, gpu}}, e.g. {RESOURCES_BY_HELP}")
+            continue
+        out[axis] = []
+        for raw_value, entry in entries.items():
+            here = f"{loc}.{raw_value}"
+            value = _check_value(axis, raw_value, here, problems)
+            if value is None:
+                continue
+            if not isinstance(entry, dict) or not entry:
+                problems.append(f"{here}: must be a mapping such as {{gpu: 1}}, got {entry!r}")
+                continue
+            res = _resource_values(entry, here, problems)
+            if not any(_same(value, v) for v in axes[axis]):
+                warnings.append(f"{here}: {_fmt(value)} is not a value of axis {axis} "
+                                f"({', '.join(_fmt(v) for v in axes[axis])}); it applies to no trial")
+            out[axis].append((value, res))
+    return out
+
+
+def trial_resources(grid: "Grid", trial: dict) -> dict:
+    """The cpu/gpu one trial reserves: the grid's resources, with its ``by`` entries applied."""
+    res = {"cpu": grid.resources["cpu"], "gpu": grid.resources["gpu"]}
+    cfg = trial["members"][0][1]
+    for axis, entries in grid.resources.get("by", {}).items():
+        for value, override in entries:
+            if _same(cfg[axis], value):
+                res.update(override)
+    return res
+
+
+def _check_trial_resources(grid: "Grid", problems: list) -> None:
+    """Per-trial rules once ``by`` is applied: no two axes disagree; every trial reserves something."""
+    by = grid.resources.get("by", {})
+    if not by:
+        return
+    for trial in grid.trials():
+        cfg, setters = trial["members"][0][1], {}
+        for axis, entries in by.items():
+            for value, override in entries:
+                if _same(cfg[axis], value):
+                    for key, v in override.items():
+                        setters.setdefault(key, []).append((f"{axis}={_fmt(value)}", v))
+        for key, found in setters.items():
+            if len({v for _, v in found}) > 1:
+                problems.append(f"resources.by: trial {trial['trial_id']} gets {key} from "
+                                f"{' and '.join(f'{w} ({_fmt(v)})' for w, v in found)}; give it one value")
+                return
+        res = trial_resources(grid, trial)
+        if res["cpu"] == 0 and res["gpu"] == 0:
+            problems.append(f"resources: trial {trial['trial_id']} reserves no cpu and no gpu; Ray would "
+                            f"start every such trial at once")
+            return
 
 
 # ----------------------------------------------------------------------------- loading
@@ -647,6 +825,8 @@ def load_grid(path_or_dict, overrides=()) -> Grid:
     checkpoint_every = top("checkpoint_every", _int("checkpoint_every", 0), 0)
     max_failures = top("max_failures", _int("max_failures (-1 = retry forever)", -1), 2)
 
+    problems += analysis_block_problems(raw.get("analysis"))
+
     # fixed
     fixed = {}
     raw_fixed = raw.get("fixed") or {}
@@ -703,27 +883,7 @@ def load_grid(path_or_dict, overrides=()) -> Grid:
     bundle = [b for i, b in enumerate(bundle) if b in raw_axes and b not in bundle[:i]]
 
     # resources
-    resources = {"cpu": 1.0, "gpu": 0.0}
-    raw_res = raw.get("resources") or {}
-    if not isinstance(raw_res, dict):
-        problems.append(f"resources: must be a mapping such as {{cpu: 1, gpu: 0.25}}, got {raw_res!r}")
-        raw_res = {}
-    for key, value in raw_res.items():
-        if key not in RESOURCE_KEYS:
-            problems.append(f"resources.{key}: unknown key{_suggest(key, RESOURCE_KEYS)}; valid: cpu, gpu")
-            continue
-        try:
-            resources[key] = _float(f"{key} per trial", ge=0)(value)
-        except _Bad as e:
-            problems.append(f"resources.{key}: {e}")
-    gpu = resources["gpu"]
-    if 0 < gpu < 1 and abs(1 / gpu - round(1 / gpu)) > 1e-9:
-        problems.append(f"resources.gpu: {gpu:g} does not split one GPU evenly (1/gpu = {1 / gpu:.4g}); "
-                        f"use 1/n, e.g. 0.5, 0.25 or 0.2")
-    if gpu > 1 and not float(gpu).is_integer():
-        problems.append(f"resources.gpu: {gpu:g} GPUs; above 1 a trial must take whole GPUs (2, 3, ...)")
-    if resources["cpu"] == 0 and gpu == 0:
-        problems.append("resources: a trial must reserve some cpu or gpu, otherwise Ray starts every trial at once")
+    resources = _parse_resources(raw.get("resources"), axes, bundle, problems, warnings)
 
     if problems:
         raise GridError(problems, path)
@@ -733,6 +893,7 @@ def load_grid(path_or_dict, overrides=()) -> Grid:
                 storage_path=storage_path, checkpoint_every=checkpoint_every, max_failures=max_failures,
                 source_text=text, path=path, overrides=list(overrides), warnings=warnings)
     _check_members(grid, problems, warnings)
+    _check_trial_resources(grid, problems)
     if problems:
         raise GridError(problems, path)
     return grid
@@ -775,6 +936,16 @@ def _check_members(grid, problems, warnings):
         if cfg["device"].startswith("cuda") and grid.resources["gpu"] == 0:
             note(problems, f"device {cfg['device']} but resources.gpu is 0: Ray hides the GPUs from such "
                            f"trials; set resources.gpu or device: auto", mid)
+        try:
+            optimizers.optimizer_config(cfg)
+        except ValueError as e:
+            note(problems, str(e), mid)
+        if model not in NETWORKS and (cfg.get("optimizer") or "sgd") != "sgd":
+            note(problems, f"optimizer {cfg['optimizer']}: the toy {model} runs plain SGD only; "
+                           "remove optimizer from the grid or use a network model", mid)
+        ignored = optimizers.ignored_keys(cfg)
+        if ignored:
+            note(warnings, f"{', '.join(ignored)} not used by optimizer {cfg.get('optimizer') or 'sgd'}", mid)
         if cfg["protocol"] == "fixed_sphere" and cfg["wd"] > 0:
             note(warnings, f"wd {cfg['wd']:g} is ignored on the fixed sphere", mid)
         if cfg.get("stochastic_entropy") and model not in NETWORKS:
@@ -791,8 +962,14 @@ def _check_members(grid, problems, warnings):
             problems.append(f"{where}.{key}: applies only to model {model}; this grid runs "
                             f"{', '.join(sorted(models))}")
     if grid.bundle and models & NETWORKS:
-        warnings.append(f"bundle: {', '.join(sorted(models & NETWORKS))} runners take one member per trial "
-                        f"for now (docs/DESIGN.md); bundled trials need a runner that vectorises members")
+        refused: dict = {}      # message → trial ids: network members that cannot share one model
+        for trial in grid.trials():
+            cfgs = [cfg for _, cfg in trial["members"]]
+            if cfgs[0]["model"] in NETWORKS:
+                for msg in bundle_conflicts(cfgs):
+                    refused.setdefault(msg, []).append(trial["trial_id"])
+        for msg, tids in refused.items():
+            problems.append(f"bundle: trials ({len(tids)}: {', '.join(tids[:3])}{', ...' if len(tids) > 3 else ''}): {msg}")
     for (is_problem, msg), mids in found.items():
         ids = ", ".join(mids[:3]) + (", ..." if len(mids) > 3 else "")
         (problems if is_problem else warnings).append(f"members ({len(mids)}: {ids}): {msg}")

@@ -33,7 +33,7 @@ import ray
 import torch
 
 from trainables.schedule import window_complete, window_iterations
-from trainables.sinks import window_entropy
+from trainables.sinks import add_window_entropy, window_entropy
 
 log = logging.getLogger(__name__)
 NAMESPACE = "thermosweep"
@@ -139,7 +139,7 @@ class Reservoir:
                     r["entropy_missing"] = 1.0
                 continue
             for m in range(n_members):
-                rows[m].update(window_entropy(ChunkedWindow(parts, m, self.device), spec))
+                add_window_entropy(rows[m], window_entropy(ChunkedWindow(parts, m, self.device), spec))
         with self.lock:
             self.evaluations += 1
             self.served[trial_key] = self.served.get(trial_key, 0) + 1

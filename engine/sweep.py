@@ -12,15 +12,88 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from engine.config import GridError, check_resources, load_grid
+from trainables.runner import ENDED, FINAL
+from engine import plan
+from engine.preflight import (STORAGE_ENV, check_address, check_datasets, check_experiment, check_storage,
+                              check_storage_on_nodes, check_tracking_uri)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_STORAGE = "ray_results"
+DRIVER_MARK = "thermosweep_driver.json"           # in the session directory of a local Ray we started
+
+
+# ---------------------------------------------------------------------------- what a killed driver left
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError):
+        return True
+    return True
+
+
+def _processes_of(session_dir: str) -> list[int]:
+    """Processes whose command line names ``session_dir`` (every process of that local Ray does)."""
+    out = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(session_dir + end in text + " " for end in ("/", " ", "=")):
+            out.append(int(cmdline.parent.name))
+    return [p for p in out if p != os.getpid()]
+
+
+def reap_killed_drivers() -> list[int]:
+    """Stop the processes of local Rays whose sweep driver was killed (SIGKILL leaves Ray's agents
+    running). Only sessions marked by a driver of ours whose process is gone are touched."""
+    from ray._common.utils import get_default_ray_temp_dir
+    reaped = []
+    for mark in Path(get_default_ray_temp_dir()).glob(f"session_*/{DRIVER_MARK}"):
+        if mark.parent.is_symlink():          # session_latest
+            continue
+        try:
+            owner = json.loads(mark.read_text()).get("pid")
+        except (OSError, ValueError):
+            continue
+        if _alive(owner):
+            continue
+        pids = _processes_of(str(mark.parent))
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        mark.unlink(missing_ok=True)
+        reaped += pids
+        if pids:
+            print(f"cleaned up {len(pids)} process(es) of the local Ray left by a killed driver (pid {owner}, "
+                  f"{mark.parent.name})", file=sys.stderr)
+    return reaped
+
+
+def _mark_session() -> None:
+    import ray._private.worker as worker
+    node = worker._global_node
+    if node is not None:
+        Path(node.get_session_dir_path(), DRIVER_MARK).write_text(json.dumps({"pid": os.getpid()}))
+
+
+def _sigterm_as_interrupt(signum, frame):
+    """SIGTERM stops the sweep the way Ctrl-C does (Tune saves its state, the tracker closes the runs)."""
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -41,6 +114,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (no --address)")
     p.add_argument("--num-gpus", type=int, default=None,
                    help="GPUs of the local Ray (no --address); may be logical, for testing packing")
+    p.add_argument("--cluster-yaml", default=None, metavar="PATH",
+                   help="node types the trials may run on: --dry-run plans onto them (default: the "
+                        "repository's cluster.yaml); with --address they join the cluster's own nodes "
+                        "and its autoscaler's types in the start-up check")
     p.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="Tune's progress output")
     return p
 
@@ -57,6 +134,30 @@ def _absolute_sqlite(uri: str) -> str:
     return uri
 
 
+def storage_for(storage_path, grid, address=None) -> str:
+    """--storage-path, else the grid's, else on a cluster the shared path its head announces in
+    $THERMOSWEEP_STORAGE (cluster.yaml sets it), else ./ray_results."""
+    shared = os.environ.get(STORAGE_ENV) if address else None
+    return str(storage_path or grid.storage_path or shared or DEFAULT_STORAGE)
+
+
+def check_inputs(grid, *, tracking_uri, storage, address=None, resume=None,
+                 dry_run=False) -> tuple[list[str], list[str]]:
+    """(problems, notes) about every path-, URI- and data-like input (engine.preflight); nothing starts.
+    A dry run plans for wherever the grid will run, so data missing here is a note there, not a problem."""
+    problems = (check_experiment(grid.experiment) + check_storage(storage) + check_tracking_uri(tracking_uri)
+                + check_address(address))
+    if resume and not problems and "://" not in storage:
+        try:
+            find_sweep_dir(Path(storage).resolve(), grid.experiment, resume)
+        except FileNotFoundError as e:
+            problems.append(str(e))
+    data_problems, notes = check_datasets(grid, on_cluster=bool(address))
+    if dry_run:
+        return problems, notes + [f"a run on this machine would stop here: {p}" for p in data_problems]
+    return problems + data_problems, notes
+
+
 def find_sweep_dir(storage: Path, experiment: str, wanted: str) -> Path:
     if wanted != "latest":
         path = Path(wanted).resolve()
@@ -71,9 +172,84 @@ def find_sweep_dir(storage: Path, experiment: str, wanted: str) -> Path:
     return candidates[-1]
 
 
+def check_start(grid, address=None, num_cpus=None, num_gpus=None, cluster_yaml=None) -> None:
+    """The start-up resource check (raises GridError): before a local Ray starts, against this machine;
+    once connected to a cluster, against its nodes and the node types its autoscaler can add."""
+    import ray
+
+    if not ray.is_initialized() and not address:
+        import torch
+        local = {"CPU": num_cpus or os.cpu_count() or 1,
+                 "GPU": num_gpus if num_gpus is not None else torch.cuda.device_count()}
+        problems = check_resources(grid, local) or plan.check_fit(
+            grid, [plan.local_node(num_cpus, num_gpus)], "this machine")
+    elif ray.is_initialized():
+        problems = plan.check_fit(grid, plan.cluster_nodes(cluster_yaml), "the cluster (its nodes and the "
+                                  "node types its autoscaler can add)")
+    else:
+        return
+    if problems:
+        raise GridError(problems, grid.path)
+
+
+def skip_finished_trials(sweep_dir: Path, closed: set[str]) -> list[str]:
+    """Mark as TERMINATED, in Tune's newest saved state, every trial whose members MLflow has all closed.
+
+    Tune saves its trial states on its own schedule; the tracker closes a member as soon as its last
+    result arrives. A driver stopped between the two leaves a finished trial that Tune would start again
+    on ``--resume``; this runs before ``Tuner.restore`` so that it does not. The grid searcher's saved
+    count of live trials is brought in line (else it would wait for the skipped trial forever).
+    Returns our ids of the trials marked now."""
+    states = sorted(sweep_dir.glob("experiment_state-*.json"))    # Tune restores the newest (max name)
+    if not states:
+        return []
+    data = json.loads(states[-1].read_text())
+    marked, ended = [], set()
+    for entry in data["trial_data"]:
+        state = json.loads(entry[0])
+        trial = state["config"]["trial"]
+        ids = [m for m, _ in trial["members"]]
+        if state["status"] != "TERMINATED" and ids and all(m in closed for m in ids):
+            state["status"] = "TERMINATED"
+            entry[0] = json.dumps(state, indent=2)
+            marked.append(trial["trial_id"])
+        if state["status"] in ("TERMINATED", "ERROR"):
+            ended.add(state["trial_id"])
+    if marked:
+        tmp = states[-1].with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, states[-1])
+    _release_from_searcher(sweep_dir, ended)
+    return marked
+
+
+def _release_from_searcher(sweep_dir: Path, ended: set[str]) -> None:
+    """Drop ended trials (Tune's ids) from the saved grid searcher's live set, which caps concurrency."""
+    import ray.cloudpickle as cloudpickle
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+    from ray.tune.utils.util import _atomic_save
+    files = sorted(sweep_dir.glob(BasicVariantGenerator.CKPT_FILE_TMPL.format("*")),
+                   key=lambda p: p.stat().st_mtime)                 # Tune restores the newest file
+    if not files:
+        return
+    state = cloudpickle.loads(files[-1].read_bytes())
+    live = state.get("_live_trials") if isinstance(state, dict) else None
+    if live and live & ended:
+        live.difference_update(ended)
+        _atomic_save(state, str(sweep_dir), files[-1].name, f"tmp-{files[-1].name}")
+
+
 def run_sweep(grid, *, address=None, tracking_uri=DEFAULT_TRACKING_URI, storage_path=None, resume=None,
-              max_concurrent=None, num_cpus=None, num_gpus=None, verbose=1, _fault_kill_at=None):
-    """Run (or resume) a sweep; returns a summary dict. Starts Ray if it is not running yet."""
+              max_concurrent=None, num_cpus=None, num_gpus=None, verbose=1, _fault_kill_at=None,
+              cluster_yaml=None, _checked=False, _callbacks=()):
+    """Run (or resume) a sweep; returns a summary dict. Starts Ray if it is not running yet.
+    Raises GridError (nothing started) when an input is unusable; ``main`` has checked them already.
+    ``_callbacks``: extra Tune callbacks after the tracker (tests inject driver faults with them)."""
+    where = storage_for(storage_path, grid, address)
+    if not _checked:
+        problems, _ = check_inputs(grid, tracking_uri=tracking_uri, storage=where, address=address, resume=resume)
+        if problems:
+            raise GridError(problems, grid.path)
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")   # MLflow is our only logger
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")                  # the table reporter below
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
@@ -81,28 +257,20 @@ def run_sweep(grid, *, address=None, tracking_uri=DEFAULT_TRACKING_URI, storage_
     from ray import tune
 
     from engine.reservoir import get_reservoir, shutdown_reservoirs
-    from engine.tracking import MLflowTracker, git_commit
+    from engine.tracking import MLflowTracker, member_statuses, source_info, source_tags
     from engine.trainable import train_bundle
 
     if not ray.is_initialized():
+        check_start(grid, address, num_cpus, num_gpus)         # a local Ray: this machine, before starting
         if address:
-            ray.init(address=address)
+            ray.init(address=address)      # check_address saw it answer; Ray's own errors are clear from here
         else:
-            # a local Ray would have these resources: check before starting it
-            import torch
-            local = {"CPU": num_cpus or os.cpu_count() or 1,
-                     "GPU": num_gpus if num_gpus is not None else torch.cuda.device_count()}
-            problems = check_resources(grid, local)
-            if problems:
-                raise GridError(problems, grid.path)
-            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False)
-    problems = check_resources(grid, ray.cluster_resources())
-    if problems and not address:
-        raise GridError(problems, grid.path)
-    for p in problems:
-        print(f"warning: {p} (the autoscaler may add such nodes)", file=sys.stderr)
+            # "local": a fresh Ray of our own, never one that a crashed earlier `ray start` left behind
+            reap_killed_drivers()
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False)
+            _mark_session()
+    check_start(grid, cluster_yaml=cluster_yaml)                # what the running cluster offers
 
-    where = storage_path or grid.storage_path or DEFAULT_STORAGE
     if "://" in str(where):             # e.g. s3://bucket/sweeps: Tune handles it, resume needs a path
         if resume:
             raise FileNotFoundError("--resume needs a local or shared-filesystem --storage-path; "
@@ -111,24 +279,37 @@ def run_sweep(grid, *, address=None, tracking_uri=DEFAULT_TRACKING_URI, storage_
     else:
         storage = Path(where).resolve()
         storage.mkdir(parents=True, exist_ok=True)
+        if address and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
+            problems = check_storage_on_nodes(storage)
+            if problems:
+                raise GridError(problems, grid.path)
     res = {"cpu": float(grid.resources.get("cpu", 1)), "gpu": float(grid.resources.get("gpu", 0))}
-    trainable = tune.with_resources(train_bundle, res)
+    per_trial = plan.ray_resources(grid)                       # cpu, gpu and memory of each trial
+    trainable = tune.with_resources(train_bundle, lambda config: per_trial[config["trial"]["trial_id"]])
     trials = grid.trials()
     members = [m for t in trials for m in t["members"]]
 
     if resume:
         sweep_dir = find_sweep_dir(storage, grid.experiment, resume)
+        closed = {m for m, st in member_statuses(tracking_uri, grid.experiment, sweep_dir.name).items()
+                  if st in ENDED}
+        skipped = skip_finished_trials(sweep_dir, closed)
+        if skipped:
+            print(f"resume: {len(skipped)} trial(s) whose members had all finished are not run again "
+                  f"({', '.join(skipped)})", file=sys.stderr)
         tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
         sweep_id = sweep_dir.name
     else:
         sweep_id = f"{grid.experiment}_{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        source = source_info(Path(__file__).resolve().parents[1])
         tracker = MLflowTracker(
             tracking_uri=tracking_uri, experiment=grid.experiment, grid_text=grid.source_text,
             grid_name=Path(grid.path).name if grid.path else grid.experiment, members=members,
             sweep_id=sweep_id,
-            tags={"thermosweep.git_commit": git_commit(Path(__file__).parent),
-                  "thermosweep.description": grid.description or ""},
+            tags={**source_tags(source), "mlflow.note.content": grid.description or ""},
+            artifacts={"git.diff": source["diff"]} if source.get("diff") else None,
+            spill_dir=str(storage) if "://" not in str(storage) else None,
             params={"bundle": grid.bundle, "n_members": len(members), "n_trials": len(trials),
                     "axes": {k: v for k, v in grid.axes.items()}, "overrides": grid.overrides,
                     "resources": res})
@@ -147,7 +328,7 @@ def run_sweep(grid, *, address=None, tracking_uri=DEFAULT_TRACKING_URI, storage_
                 trial_name_creator=lambda t: t.config["trial"]["trial_id"],
                 trial_dirname_creator=lambda t: t.config["trial"]["trial_id"]),
             run_config=tune.RunConfig(
-                name=sweep_id, storage_path=str(storage), callbacks=[tracker], verbose=verbose,
+                name=sweep_id, storage_path=str(storage), callbacks=[tracker, *_callbacks], verbose=verbose,
                 progress_reporter=tune.CLIReporter(
                     metric_columns={"iteration": "iteration", "train_loss": "train loss",
                                     "members_running": "members running"},
@@ -159,20 +340,30 @@ def run_sweep(grid, *, address=None, tracking_uri=DEFAULT_TRACKING_URI, storage_
         for node in ray.nodes():
             if node.get("Alive"):
                 get_reservoir(node["NodeID"]).pid.remote()
+    previous = signal.getsignal(signal.SIGTERM)
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main:
+        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)    # Ray's own handler would just exit
     try:
         results = tuner.fit()
     finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
         shutdown_reservoirs()
-    summary = summarise(results, tracking_uri, sweep_id, f"{storage}/{sweep_id}", grid.experiment,
-                        [mid for mid, _ in members])
-    return summary
+    try:
+        final = member_statuses(tracking_uri, grid.experiment, sweep_id)
+    except Exception:       # noqa: BLE001 - store still away: Tune's own record alone then
+        final = {}
+    return summarise(results, tracking_uri, sweep_id, f"{storage}/{sweep_id}", grid.experiment,
+                     [mid for mid, _ in members], final)
 
 
-def summarise(results, tracking_uri, sweep_id, sweep_dir, experiment, member_ids) -> dict:
+def summarise(results, tracking_uri, sweep_id, sweep_dir, experiment, member_ids, final=None) -> dict:
     """Member counts by final status. Every member of the grid is counted: Tune creates grid trials
     lazily, so after an interruption ``results`` may lack trials that never started; those members,
-    like any without a final status, are unfinished."""
-    counts = {"done": 0, "diverged": 0, "converged": 0, "failed": 0, "unfinished": 0}
+    like any without a final status, are unfinished. ``final`` (member id -> status in MLflow) counts
+    members whose trial Tune did not run again because MLflow had closed them (skip_finished_trials)."""
+    counts = dict.fromkeys(FINAL + ("unfinished",), 0)
     seen: set = set()
     for r in results:
         metrics = r.metrics or {}
@@ -184,12 +375,36 @@ def summarise(results, tracking_uri, sweep_id, sweep_dir, experiment, member_ids
             seen.update(ids)
             continue
         for mid, s in zip(ids, status or []):
-            if s in ("done", "diverged", "converged", "failed"):
+            if s in FINAL:
                 counts[s] += 1
                 seen.add(mid)
+    for mid in set(member_ids) - seen:
+        s = (final or {}).get(mid)
+        if s in ENDED:
+            counts[s] += 1
+            seen.add(mid)
     counts["unfinished"] += len(set(member_ids) - seen)
     return {"sweep_id": sweep_id, "sweep_dir": str(sweep_dir), "tracking_uri": tracking_uri,
             "experiment": experiment, "members": counts}
+
+
+def dry_run_plan(args, grid) -> int:
+    """Print the launch plan onto cluster.yaml's node types; 2 if a trial fits none of them."""
+    path = Path(args.cluster_yaml) if args.cluster_yaml else plan.CLUSTER_YAML
+    nodes = plan.nodes_from_cluster_yaml(path)
+    storage = storage_for(args.storage_path, grid, args.address)
+    print()
+    print(plan.launch_plan(grid, nodes, path.name, tracking_uri_for(args, grid), storage,
+                           args.max_concurrent))
+    problems = plan.check_fit(grid, nodes, path.name)
+    if not args.address:
+        here = plan.check_fit(grid, [plan.local_node(args.num_cpus, args.num_gpus)], "this machine")
+        print(f"this machine (a local Ray): {'cannot run it: ' + here[0] if here else 'can run it'}")
+    if problems:
+        for p in problems:
+            print(f"error: {p}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv=None) -> int:
@@ -208,16 +423,27 @@ def main(argv=None) -> int:
         p.error("--max-concurrent must be ≥ 1")
     for w in grid.warnings:
         print(f"warning: {w}", file=sys.stderr)
+    uri = _absolute_sqlite(tracking_uri_for(args, grid))
+    problems, notes = check_inputs(grid, tracking_uri=uri, storage=storage_for(args.storage_path, grid, args.address),
+                                   address=args.address, resume=args.resume, dry_run=args.dry_run)
+    if problems:
+        print(f"error: the sweep of {args.grid} cannot start, {len(problems)} problem(s):", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        print("Nothing was started. Fix these and run again.", file=sys.stderr)
+        return 2
+    for n in notes:
+        print(f"note: {n}", file=sys.stderr)
     if args.dry_run:
         print(grid.table())
         print()
         print(grid.resource_plan())
-        return 0
-    uri = _absolute_sqlite(tracking_uri_for(args, grid))
+        return dry_run_plan(args, grid)
     try:
         summary = run_sweep(grid, address=args.address, tracking_uri=uri, storage_path=args.storage_path,
                             resume=args.resume, max_concurrent=args.max_concurrent,
-                            num_cpus=args.num_cpus, num_gpus=args.num_gpus, verbose=args.verbose)
+                            num_cpus=args.num_cpus, num_gpus=args.num_gpus, verbose=args.verbose,
+                            cluster_yaml=args.cluster_yaml, _checked=True)
     except GridError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -225,7 +451,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     c = summary["members"]
-    print(f"\nsweep {summary['sweep_id']}: {c['done']} done, {c['converged']} converged, "
+    print(f"\nsweep {summary['sweep_id']}: {c['done']} done, {c['converged']} converged, {c['stopped']} stopped, "
           f"{c['diverged']} diverged, {c['failed']} failed, {c['unfinished']} unfinished")
     print(f"MLflow: experiment '{summary['experiment']}' at {summary['tracking_uri']} "
           f"(browse: mlflow ui --backend-store-uri {summary['tracking_uri']})")

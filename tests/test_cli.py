@@ -38,7 +38,8 @@ def test_short_run_writes_all_files_as_a_subprocess(tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["iteration"] for r in rows] == [10, 20, 30, 40]
-    assert set(rows[0]) == BASE_NAMES | {"entropy_knn_k1", "entropy_knn_k2", "entropy_knn_k5", "window_radius"}
+    assert set(rows[0]) == BASE_NAMES | {"entropy_knn_k1", "entropy_knn_k2", "entropy_knn_k5", "window_radius",
+                                        "window_radius_knn"}
     assert all(set(r) == set(rows[0]) for r in rows)
 
     cfg = json.loads((out / "config.json").read_text())

@@ -179,9 +179,12 @@ def test_checkout_is_mounted_and_installed_on_every_node(config):
     assert mounts.get("~/thermosweep") == "."
     pyproject = (ROOT / mounts["~/thermosweep"] / "pyproject.toml").read_text()
     assert re.search(r'^name\s*=\s*"thermosweep"', pyproject, re.M)
-    # setup_commands run on head and workers alike
-    assert any(shlex.split(c)[:3] == ["pip", "install", "-e"] and "~/thermosweep" in c
-               for c in config["setup_commands"])
+    # setup_commands run on head and workers alike: the checkout, editable, under the constraints
+    installs = [shlex.split(c) for c in config["setup_commands"] if " install " in c and "-e" in c]
+    assert len(installs) == 1
+    tokens = installs[0]
+    assert tokens[tokens.index("-e") + 1] == "~/thermosweep"
+    assert _option(tokens, "-c") == "~/thermosweep/requirements/cluster.txt"
     excluded = config.get("rsync_exclude", [])
     assert "**/.git" in excluded and "**/.venv" in excluded
 
@@ -192,27 +195,122 @@ def test_cluster_ray_version_matches_installed_ray(config):
     assert pins == [ray.__version__], f"setup_commands pin {pins}, laptop has {ray.__version__}"
 
 
-def test_data_dir_exported_and_cifar_predownloaded(config, monkeypatch):
+CONSTRAINTS = ROOT / "requirements" / "cluster.txt"
+
+
+def test_constraints_pin_what_this_environment_runs():
+    # every line an exact pin, and the ones the engine depends on equal to what is installed here
+    from importlib.metadata import version
+    pins = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, sep, ver = line.partition("==")
+            assert sep and ver, f"not an exact pin: {line!r}"
+            pins[name.lower().replace("_", "-")] = ver
+    for name in ("torch", "torchvision", "ray", "mlflow", "numpy", "scipy", "scikit-learn", "pyyaml"):
+        assert pins.get(name) == version(name), f"{name}: cluster.txt {pins.get(name)}, here {version(name)}"
+
+
+def test_data_fetched_once_on_the_head_into_the_shared_directory(config, monkeypatch):
     exported = [m.group(1) for c in config["setup_commands"]
                 for m in re.finditer(r"export THERMOSWEEP_DATA=(\S+?)'?(?:\s|$)", c)]
-    assert len(exported) == 1 and exported[0].startswith("/")
+    assert len(exported) == 1 and exported[0].startswith(_shared_dir(config) + "/")
     # trainables.data must read that variable when a trial leaves data_dir unset
     from trainables.data import default_data_dir
     monkeypatch.setenv("THERMOSWEEP_DATA", exported[0])
     assert str(default_data_dir()) == exported[0]
-    downloads = [c for c in config["worker_setup_commands"] if "load_dataset" in c]
+    downloads = [c for c in config["head_setup_commands"] if "load_dataset" in c]
     assert len(downloads) == 1
     assert "'cifar10'" in downloads[0] and shlex.split(downloads[0])[:2] == ["python", "-c"]
+    assert f"data_dir='{exported[0]}'" in downloads[0]
+    assert not any("load_dataset" in c for c in config.get("worker_setup_commands", []))
 
 
-def test_sweep_directory_shared_at_one_path(config):
-    # Tune persists checkpoints from the worker that runs a trial and refuses a storage path only
-    # the head can see: the head must export a directory that every worker mounts at that path.
+def _shared_dir(config):
     exports = [m.group(1) for c in config["head_setup_commands"]
                for m in re.finditer(r"echo '(/\S+) \S+' \| sudo tee -a /etc/exports", c)]
+    assert len(exports) == 1
+    return exports[0]
+
+
+def test_shared_directory_mounted_at_one_path_and_holds_the_default_storage(config):
+    # Tune persists checkpoints from the worker that runs a trial and refuses a storage path only
+    # the head can see: the head must export a directory that every worker mounts at that path.
+    shared = _shared_dir(config)
     mounts = [shlex.split(m.group(0)) for c in config["worker_setup_commands"]
               for m in re.finditer(r"sudo mount -t nfs \S+ [^\s)]+", c)]
-    assert len(exports) == 1 and len(mounts) == 1
+    assert len(mounts) == 1
     source, target = mounts[0][-2:]
-    assert source == "$RAY_HEAD_IP:" + exports[0]
-    assert target == exports[0]
+    assert source == "$RAY_HEAD_IP:" + shared
+    assert target == shared
+    # the driver on the head defaults to a sweep directory inside the share
+    storage = [m.group(1) for c in config["head_setup_commands"]
+               for m in re.finditer(r"export THERMOSWEEP_STORAGE=([^\s']+)", c)]
+    assert len(storage) == 1 and storage[0].startswith(shared + "/")
+
+
+# --- security ----------------------------------------------------------------------------------
+
+def test_nfs_export_limited_to_a_private_network(config):
+    line = [m.group(0) for c in config["head_setup_commands"]
+            for m in re.finditer(r"echo '/\S+ (\S+)'", c)][0]
+    clients = line.split()[-1].rstrip("'")
+    network = clients.split("(")[0]
+    import ipaddress
+    net = ipaddress.ip_network(network)          # a CIDR, not "*" or a host name pattern
+    assert net.is_private and net.prefixlen >= 8, network
+    assert "root_squash" in clients and "no_root_squash" not in clients
+
+
+def test_ssh_only_from_the_operator_cidr(config):
+    import ipaddress
+    group = config["provider"]["security_group"]
+    assert group["GroupName"]
+    rules = group["IpPermissions"]
+    assert [(r["FromPort"], r["ToPort"], r["IpProtocol"]) for r in rules] == [(22, 22, "tcp")]
+    for r in rules:
+        for cidr in r["IpRanges"]:
+            net = ipaddress.ip_network(cidr["CidrIp"])
+            assert net.num_addresses <= 256, f"SSH open to {net}"
+        assert not r.get("Ipv6Ranges")
+
+
+def test_head_has_its_own_instance_profile_and_workers_none(config):
+    head = config["available_node_types"][config["head_node_type"]]["node_config"]
+    assert head["IamInstanceProfile"]["Arn"].endswith(":instance-profile/thermosweep-head")
+    for name, node in worker_types(config).items():
+        assert "IamInstanceProfile" not in node["node_config"], name
+    # the policy the profile must carry is documented next to the cluster instructions
+    import json
+    doc = (ROOT / "docs" / "cluster.md").read_text()
+    assert "thermosweep-head" in doc
+    policy = json.loads(doc.split("```json\n", 1)[1].split("```", 1)[0])
+    actions = [a for st in policy["Statement"] for a in st["Action"]]
+    assert "ec2:RunInstances" in actions and "ec2:TerminateInstances" in actions
+    assert not [a for a in actions if a.endswith("*") or not a.startswith("ec2:")], actions
+    for st in policy["Statement"]:
+        if "ec2:TerminateInstances" in st["Action"]:
+            tag = st["Condition"]["StringEquals"]["ec2:ResourceTag/ray-cluster-name"]
+            assert tag == config["cluster_name"]
+
+
+def test_ray_token_authentication_on_every_node(config):
+    assert config["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
+    starts = [c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+              if "ray start" in c]
+    assert len(starts) == 2
+    for c in starts:
+        assert "export RAY_AUTH_MODE=token;" in c.split("ray start")[0], c
+    assert any("'export RAY_AUTH_MODE=token'" in c for c in config["setup_commands"])
+
+
+# --- memory per node type ----------------------------------------------------------------------
+
+def test_worker_memory_split_fits_the_instance_ram(config):
+    from engine.plan import GiB, table
+    for name, node in worker_types(config).items():
+        res = node["resources"]
+        ram = table()["instances"][node["node_config"]["InstanceType"]]["ram_gib"] * GiB
+        reserved = res["memory"] + res["object_store_memory"]
+        assert reserved <= ram - 2 * GiB, f"{name}: {reserved / GiB:.1f} GiB of {ram / GiB:.0f} GiB"
+        assert res["object_store_memory"] >= GiB, name

@@ -20,6 +20,8 @@ IG_LR = [1e-3 * 10 ** (k / 6) for k in range(19)]
 TOY_LR = ([10 ** (-3 + 3 * j / 31) for j in range(31)] + [2.5 ** (j / 32) for j in range(32)]
           + [2.5 * 4 ** (j / 16) for j in range(17)])
 VMF = [10 ** (-3 + j / 8) for j in range(17)]  # logspace(-3, -1, 17)
+FE22 = [x for x in FE_LR if 1e-4 * (1 - 1e-9) <= x <= 1e-1 * (1 + 1e-9)]  # §9: the analysed 1e-4 … 1e-1
+DIGITS7 = [1e-3 * 10 ** (k / 2) for k in range(7)]                      # logspace(-3, 0, 7)
 
 # file → (members, {axis: expected values})
 SHIPPED = {
@@ -35,8 +37,15 @@ SHIPPED = {
     "vmf_fixed_lr.yaml": (17 * 17, {"lr": VMF, "wd": VMF}),
     "vmf_fixed_elr.yaml": (17 * 17, {"lr": VMF, "wd": VMF}),
     "vmf_fixed_sphere.yaml": (17 * 17, {"lr": VMF, "radius": [10 ** (-1 + j / 8) for j in range(17)]}),
+    "batch_size.yaml": (3 * 22, {"batch_size": [32, 128, 512], "lr": FE22}),
+    "seeds.yaml": (4 * 22, {"seed": [0, 1, 2, 3], "lr": FE22}),
+    "digits_batch_size.yaml": (3 * 7, {"batch_size": [16, 64, 256], "lr": DIGITS7}),
+    "digits_seeds.yaml": (4 * 7, {"seed": [0, 1, 2, 3], "lr": DIGITS7}),
+    "optimizers.yaml": (3 * 28, {"optimizer": ["sgd", "momentum", "adam"], "lr": FE_LR}),
+    "digits_optimizers.yaml": (3 * 9, {"optimizer": ["sgd", "momentum", "adam"],
+                                       "lr": [1e-4 * 10 ** (k / 2) for k in range(9)]}),
 }
-TOY_KEYS = {"sphere_toy": {"setting"}, "vmf": {"dim", "noise", "mu_seed"}}
+TOY_KEYS = {"sphere_toy": {"setting"}, "vmf": {"dim", "noise", "mu_seed", "stop_when"}}
 
 
 def _write(tmp_path, text, name="g.yaml"):
@@ -87,7 +96,9 @@ def test_paper_settings_in_grids():
     _, cfg = fe.members()[0]
     assert (cfg["iterations"], cfg["num_stoch_grads"], cfg["samples_per_label"]) == (1_600_000, 1000, 5000)
     assert cfg["protocol"] == "fixed_sphere" and cfg["entropy"][0]["window"] == 1000
-    assert fe.resources == {"cpu": 1.0, "gpu": 0.25}
+    from engine.config import trial_resources
+    by_width = {t["members"][0][1]["width"]: trial_resources(fe, t) for t in fe.trials()}
+    assert by_width == {8: {"cpu": 1.0, "gpu": 0.25}, 64: {"cpu": 1.0, "gpu": 1.0}}
     ig = load_grid(GRIDS / "lr_wd.yaml")
     _, cfg = ig.members()[0]
     assert cfg["protocol"] == "fixed_lr" and cfg["log_schedule"] == "ideal_gas"
@@ -134,8 +145,9 @@ def test_bundle_groups_members_sharing_the_other_axes():
         assert {cfg["width"] for _, cfg in trial["members"]} == {width}
     # lr outer, width inner: width 4 members are m0, m2, m4
     assert [mid for mid, _ in trials[0]["members"]] == ["m0000", "m0002", "m0004"]
-    # bundling everything → one trial
-    both = load_grid({"experiment": "b", "axes": {"lr": [0.1, 0.2, 0.3], "width": [4, 8]}, "bundle": ["lr", "width"]})
+    # bundling everything → one trial (a toy: network bundles must share their width)
+    both = load_grid({"experiment": "b", "fixed": {"model": "vmf"}, "axes": {"lr": [0.1, 0.2, 0.3], "width": [4, 8]},
+                      "bundle": ["lr", "width"]})
     assert [len(t["members"]) for t in both.trials()] == [6]
 
 
@@ -270,3 +282,19 @@ def test_evaluate_every_that_misses_the_log_steps_is_reported():
                for w in none), none
     toy = load_grid(elr, overrides=["stochastic_entropy=true"]).warnings
     assert any("stochastic_entropy is computed for network models only; vmf ignores it" in w for w in toy)
+
+
+def test_analysis_block_is_checked_before_anything_runs():
+    from engine.config import GridError, load_grid
+    good = load_grid({"experiment": "x", "analysis": {"window": 40, "groups": [
+        {"match": {"width": 4}, "eps": "1e-2", "lr_slice": [3, -6], "phase_window": [1.0e4, 4.0e5]}]}})
+    assert good.experiment == "x"
+    with pytest.raises(GridError) as e:
+        load_grid({"experiment": "x", "analysis": {"eps": -1, "windw": 3,
+                                                   "groups": [{"match": {"width": 4}, "lr_range": [2, 1],
+                                                               "lr_slice": [0, 3]}]}})
+    text = str(e.value)
+    assert "analysis.eps: -1 must be a number ≥ 0" in text
+    assert "analysis.windw: unknown key" in text
+    assert "analysis.groups[0].lr_range: [2, 1] must be [lo, hi] with 0 < lo ≤ hi" in text
+    assert "analysis.groups[0]: give lr_range or lr_slice, not both" in text

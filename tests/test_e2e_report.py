@@ -54,10 +54,14 @@ def test_sweep_then_report(ray_session, tmp_path, monkeypatch):
     members = sw.members[["width", "lr"]].join(sw.stationary[["train_loss", "entropy_knn_k39"]])
     for width in (1, 2):
         g = members[members["width"] == width].sort_values("lr")
-        fit = fit_temperature(g["lr"].to_numpy(float), g["train_loss"].to_numpy(float),
-                              g["entropy_knn_k39"].to_numpy(float), eps=0.01)
         row = fe[fe["group"].astype(str).str.contains(f"width={width}")]
         assert len(row) == 1, f"no summary row for width {width}: {fe['group'].tolist()}"
+        # ε per group: 0.04 where a member converged (OP), else 0.01 (THEORY §5)
+        eps = 0.04 if (sw.members.loc[g.index, "status"] == "converged").any() or \
+            (sw.members.loc[g.index, "regime"] == "converged").any() else 0.01
+        assert float(row["eps"].iloc[0]) == eps
+        fit = fit_temperature(g["lr"].to_numpy(float), g["train_loss"].to_numpy(float),
+                              g["entropy_knn_k39"].to_numpy(float), eps=eps)
         assert _same(float(row["exponent_a"].iloc[0]), float(fit.a))
         assert _same(float(row["prefactor_b"].iloc[0]), float(fit.b))
         assert bool(row["holds"].iloc[0]) == bool(fit.holds)

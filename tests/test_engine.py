@@ -87,8 +87,9 @@ def test_demo_grid_end_to_end(ray_session, tmp_path, monkeypatch):
     c = MlflowClient(tracking_uri=uri)
     assert parent.data.tags["thermosweep.role"] == "sweep"
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    assert parent.data.tags["thermosweep.git_commit"] == head
-    assert [a.path for a in c.list_artifacts(parent.info.run_id)] == ["grid.yaml"]
+    assert parent.data.tags["mlflow.source.git.commit"] == head
+    dirty = subprocess.run(["git", "diff", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout != ""
+    assert sorted(a.path for a in c.list_artifacts(parent.info.run_id)) == ["git.diff"] * dirty + ["grid.yaml"]
     assert c.get_run(parent.info.run_id).info.status == "FINISHED"
     assert c.get_run(parent.info.run_id).data.tags["thermosweep.sweep_status"] == "finished"
 
@@ -410,10 +411,10 @@ def test_summary_counts_members_of_trials_tune_never_created():
 
     grid_members = ["m0000", "m0001", "m0002", "m0003", "m0004", "m0005"]
     only_first = summarise([result(["m0000"], ["done"])], "uri", "s", "d", "e", grid_members)
-    assert only_first["members"] == {"done": 1, "diverged": 0, "converged": 0, "failed": 0, "unfinished": 5}
+    assert only_first["members"] == {"done": 1, "diverged": 0, "converged": 0, "stopped": 0, "failed": 0, "unfinished": 5}
     mixed = summarise([result(["m0000", "m0001"], ["done", "diverged"]),
                        result(["m0002"], ["running"]),                       # interrupted mid-run
                        result(["m0003"], None, metrics=False),                # started, nothing reported
                        result(["m0004"], ["running"], error=RuntimeError("boom"))],
                       "uri", "s", "d", "e", grid_members)
-    assert mixed["members"] == {"done": 1, "diverged": 1, "converged": 0, "failed": 1, "unfinished": 3}
+    assert mixed["members"] == {"done": 1, "diverged": 1, "converged": 0, "stopped": 0, "failed": 1, "unfinished": 3}

@@ -12,6 +12,8 @@ from trainables.entropy import (
     knn_graph_entropy,
     pairwise_sq_distances,
     uniform_sphere_reference,
+    _uniform_tile,
+    UNIFORM_TILE_ROWS,
     window_radius,
 )
 
@@ -183,3 +185,21 @@ def test_uniform_sphere_reference_distances_concentrate():
         log_L = (ref[f"entropy_knn_k{k}"] + (D - 2) * math.log(n)) / (D - 1)
         mean_dist = math.exp(log_L) / (n * k)
         assert math.sqrt(2) * (1 - 6 / math.sqrt(D)) < mean_dist < math.sqrt(2)
+
+
+def test_uniform_reference_in_tiles_equals_the_whole_matrix():
+    # 70 samples (3 row tiles, the last one partial) × D = 300 in column blocks of 128 (3 blocks): the
+    # tiled Gram path must give the entropy and mean loss of the explicitly assembled unit vectors
+    D, n, cols = 300, 70, 128
+    ref = uniform_sphere_reference(D, n=n, ks=(1, 5), loss_fn=lambda th: th[:, :3].sum(dim=1) ** 2,
+                                   seed=5, col_chunk=cols, chunk=7)
+    rows = [(a, min(UNIFORM_TILE_ROWS, n - r)) for a, r in enumerate(range(0, n, UNIFORM_TILE_ROWS))]
+    blocks = [(b, min(cols, D - c)) for b, c in enumerate(range(0, D, cols))]
+    z = torch.cat([torch.cat([_uniform_tile(5, a, b, r, c) for b, c in blocks], dim=1) for a, r in rows])
+    theta = z / z.norm(dim=1, keepdim=True)
+    direct = knn_graph_entropy(theta, (1, 5))
+    assert ref["entropy_knn_k1"] == pytest.approx(direct[1], rel=1e-9)
+    assert ref["entropy_knn_k5"] == pytest.approx(direct[5], rel=1e-9)
+    assert ref["train_loss"] == pytest.approx((theta[:, :3].sum(dim=1) ** 2).mean().item(), rel=1e-6)
+    # (θ_1 + θ_2 + θ_3)² has mean 3/D for uniform directions
+    assert ref["train_loss"] == pytest.approx(3 / D, rel=0.5)

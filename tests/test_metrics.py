@@ -95,8 +95,18 @@ def test_loss_sum_matches_torch_losses():
     assert Mx.batch_loss(logits, y, "ce").item() == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
     onehot = torch.zeros(7, 10)
     onehot[torch.arange(7), y] = 1.0
-    assert Mx.batch_loss(logits, y, "mse").item() == pytest.approx(F.mse_loss(logits, onehot).item(), rel=1e-6)
-    assert Mx.loss_sum(logits, y, "mse").item() == pytest.approx(7 * F.mse_loss(logits, onehot).item(), rel=1e-6)
+    # MSE: squared error summed over the 10 classes, averaged over the 7 samples (THEORY.md §3)
+    assert Mx.batch_loss(logits, y, "mse").item() == pytest.approx(10 * F.mse_loss(logits, onehot).item(), rel=1e-6)
+    assert Mx.loss_sum(logits, y, "mse").item() == pytest.approx(70 * F.mse_loss(logits, onehot).item(), rel=1e-6)
+
+
+def test_mse_sums_over_classes_by_hand():
+    # two samples, three classes; targets 0 and 2:
+    # sample 1: (1 − 1)² + (2 − 0)² + (0 − 0)² = 4; sample 2: (0.5)² + (−1)² + (3 − 1)² = 5.25
+    logits = torch.tensor([[1.0, 2.0, 0.0], [0.5, -1.0, 3.0]])
+    y = torch.tensor([0, 2])
+    assert Mx.loss_sum(logits, y, "mse").item() == pytest.approx(9.25, abs=1e-7)
+    assert Mx.batch_loss(logits, y, "mse").item() == pytest.approx(4.625, abs=1e-7)
 
 
 # ---- full gradient ------------------------------------------------------------------------------
@@ -112,7 +122,7 @@ def test_full_gradient_one_chunk_is_the_mean_loss_gradient(digits, loss):
     if loss == "ce":
         mean_loss = F.cross_entropy(out, y)
     else:
-        mean_loss = F.mse_loss(out, F.one_hot(y, 10).float())
+        mean_loss = F.mse_loss(out, F.one_hot(y, 10).float(), reduction="sum") / y.shape[0]
     expected = ref_grad(ref, mean_loss)
     torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
     assert train_loss.item() == pytest.approx(mean_loss.item(), rel=1e-5)

@@ -412,3 +412,185 @@ def test_fixed_sphere_pressure_in_memory(tmp_path):
     assert res.summary_rows[0]["p_predicted_rel_err_median"] == pytest.approx(0.0, abs=1e-9)
     assert res.summary_rows[0]["potential"] == "Helmholtz"              # vmf on the sphere
     assert (tmp_path / "ig_all_pressure.png").stat().st_size > 5000
+
+
+def test_uniform_loss_asymptote_matches_an_independent_monte_carlo():
+    """§4 uniform reference U: the report's value (its own tiled draws, evaluate() in train-mode BN)
+    against a plain Monte Carlo written here (fresh torch.randn directions, direct forward passes),
+    within 4 combined standard errors; a member whose D does not match the rebuilt model is refused."""
+    import torch
+    import torch.nn.functional as F
+    from analysis.report import uniform_loss
+    from trainables.data import load_dataset
+    from trainables.models import build_model, flatten_si_parameters
+
+    member = {"model": "convnet", "width": 1, "dataset": "digits", "samples_per_label": None, "loss": "ce",
+              "init_seed": 1, "head_seed": 4, "data_seed": 1, "data_dir": None}
+    data = load_dataset("digits")
+    model = build_model("convnet", 1, 10, in_channels=1)
+    theta, _ = flatten_si_parameters(model)
+    D, n = theta.numel(), 200
+    got = uniform_loss(member, n, D, device="cpu")
+    gen = torch.Generator().manual_seed(123)
+    mine = []
+    model.train()
+    with torch.no_grad():
+        for _ in range(n):
+            z = torch.randn(D, generator=gen)
+            theta.copy_(z / z.norm())
+            mine.append(F.cross_entropy(model(data.x_train), data.y_train).item())   # < 1024 samples: one chunk
+    mine = np.array(mine)
+    assert got == pytest.approx(mine.mean(), abs=4 * np.sqrt(2) * mine.std(ddof=1) / np.sqrt(n))
+    assert got > 0.5                                # far above a trained model's loss
+    with pytest.raises(ValueError, match="D = "):
+        uniform_loss(member, 10, D + 1, device="cpu")
+
+
+# ---- per-group analysis settings (issue 11) --------------------------------------------------------
+
+FE_GROUPS = {8: (3.9e-3, 0.85), 64: (2.5e-4, 0.86)}      # width → (b, a) of T = b η^a (THEORY §5)
+
+
+def _fe_sweep_in_memory(widths, converged_width=None, n_logs=120):
+    """A finished ConvNet Sweep built by hand: per width, 9 LRs whose stationary (U, S) follow the exact
+    free-energy family S = C ln η, U = (b C/a) η^a + offset; the smallest LR of ``converged_width`` is
+    tagged converged. Series: n_logs rows per member, U relaxing to its stationary value."""
+    lrs = np.logspace(-4, -2, 9)
+    rows, series = [], []
+    for w in widths:
+        b, a = FE_GROUPS[w]
+        for i, lr in enumerate(lrs):
+            rid = f"w{w}_{i}"
+            status = "converged" if (w == converged_width and i == 0) else "done"
+            rows.append({"run_id": rid, "model": "convnet", "width": w, "dataset": "cifar10", "lr": lr,
+                         "protocol": "fixed_sphere", "D": 24408 if w == 8 else 1550016, "status": status,
+                         "regime": "stationary", "running": False, "excluded": "", "loss": "ce",
+                         "entropy": [{"name": "knn", "window": 1000}]})
+            its = np.arange(1, n_logs + 1) * 100.0
+            U = b * C_S / a * lr**a + 0.1 + 0.3 * np.exp(-its / 500)
+            S = C_S * np.log(lr) - 2.0 * np.exp(-its / 500)
+            series.append(pd.DataFrame({"run_id": rid, "iteration": its, "train_loss": U, "entropy_knn_k50": S}))
+    members = pd.DataFrame(rows).set_index("run_id")
+    series = pd.concat(series, ignore_index=True)
+    from analysis.load import stationary_means
+    stationary = stationary_means(series, {r: 50 for r in members.index})
+    return Sweep("mem", "0", None, None, members, series, pd.DataFrame(), stationary)
+
+
+def _temperatures(sweep, tmp_path, name, opts):
+    from analysis.report import free_energy_section
+    out = tmp_path / name
+    out.mkdir()
+    res = free_energy_section(sweep, str(out), opts)
+    tables = {}
+    for row, table in zip(res.summary_rows, [t for t in res.tables if not t.endswith("op_temperature.csv")]):
+        t = pd.read_csv(out / table)
+        tables[row["group"]] = (row, t[t["in_segment"]].set_index("lr")["T"])
+    return tables
+
+
+def test_up_and_op_groups_reported_once_equal_two_reports_with_the_papers_eps(tmp_path):
+    """Acceptance (issue 11): one report over UP and OP groups picks ε = 0.01 / 0.04 per group (from the
+    OP group's converged member, or from the grid's analysis block) and gives the temperatures of two
+    separate reports run with those ε; one ε for both would not."""
+    opts = Options(uniform_loss=False, uniform_n=50)
+    both = _temperatures(_fe_sweep_in_memory((8, 64), converged_width=64), tmp_path, "both", opts)
+    up = _temperatures(_fe_sweep_in_memory((8,)), tmp_path, "up", Options(eps=0.01, uniform_loss=False, uniform_n=50))
+    op = _temperatures(_fe_sweep_in_memory((64,), converged_width=64), tmp_path, "op",
+                       Options(eps=0.04, uniform_loss=False, uniform_n=50))
+    assert both["width=8"][0]["eps"] == 0.01 and both["width=8"][0]["regime"] == "up"
+    assert both["width=64"][0]["eps"] == 0.04 and both["width=64"][0]["regime"] == "op"
+    pd.testing.assert_series_equal(both["width=8"][1], up["all"][1])
+    pd.testing.assert_series_equal(both["width=64"][1], op["all"][1])
+    # the same sweep with one ε for every group: the OP temperatures change
+    one = _temperatures(_fe_sweep_in_memory((8, 64), converged_width=64), tmp_path, "one",
+                        Options(eps=0.01, uniform_loss=False, uniform_n=50))
+    assert not np.allclose(one["width=64"][1].to_numpy(), op["all"][1].to_numpy())
+    # the grid block says the same without a converged member; a per-group option beats the grid
+    from engine.analysis_block import normalise_analysis_block
+    block, problems = normalise_analysis_block({"groups": [{"match": {"width": 8}, "regime": "up"},
+                                                           {"match": {"width": 64}, "regime": "op"}]})
+    assert not problems
+    grid = _temperatures(_fe_sweep_in_memory((8, 64)), tmp_path, "grid",
+                         Options(uniform_loss=False, uniform_n=50, grid_block=block))
+    pd.testing.assert_series_equal(grid["width=64"][1], op["all"][1])
+    over = _temperatures(_fe_sweep_in_memory((8, 64)), tmp_path, "over",
+                         Options(uniform_loss=False, uniform_n=50, grid_block=block,
+                                 group_overrides=({"match": {"width": 64}, "eps": 0.01},)))
+    assert over["width=64"][0]["eps"] == 0.01 and over["width=64"][0]["eps_source"] == "report option for this group"
+    pd.testing.assert_series_equal(over["width=64"][1], one["width=64"][1])
+
+
+def test_op_temperature_along_training_four_smallest_decreasing_lrs_and_smoothing(tmp_path):
+    """§5.6: T_t for the 4 smallest LRs whose U decreases steadily (the second smallest does not, so
+    LRs 1, 3, 4, 5 are used), T_t = (U_{t+2} − U_{t−2})/(S_{t+2} − S_{t−2}); with op_smooth_sigma the
+    series are first smoothed with Gaussian weights in ln t (computed here by hand)."""
+    from analysis.report import free_energy_section
+    from engine.analysis_block import normalise_analysis_block
+    sw = _fe_sweep_in_memory((64,), n_logs=60)
+    lrs = sorted(sw.members["lr"])
+    for rid in sw.members.index:                  # U falls and S falls: T_t > 0
+        lr = sw.members.loc[rid, "lr"]
+        sel = sw.series["run_id"] == rid
+        t = sw.series.loc[sel, "iteration"].to_numpy()
+        U = 1.0 / np.sqrt(t) * (1 + 10 * lr)
+        if lr == lrs[1]:
+            U = U + 0.01 * np.sin(t)                 # not steadily decreasing
+        sw.series.loc[sel, "train_loss"] = U
+        sw.series.loc[sel, "entropy_knn_k50"] = -2.0 * np.log(t)
+    for sigma in (None, 0.2):
+        block, _ = normalise_analysis_block({"op_smooth_sigma": sigma, "regime": "op"})
+        out = tmp_path / f"s{sigma}"
+        out.mkdir()
+        res = free_energy_section(sw, str(out), Options(uniform_loss=False, uniform_n=50, grid_block=block))
+        table = pd.read_csv(out / [t for t in res.tables if t.endswith("op_temperature.csv")][0])
+        assert sorted(table["lr"].unique()) == pytest.approx([lrs[0], lrs[2], lrs[3], lrs[4]])
+        rid = sw.members.index[sw.members["lr"] == lrs[2]][0]
+        ser = sw.series[sw.series["run_id"] == rid]
+        t, U, S = (ser[k].to_numpy() for k in ("iteration", "train_loss", "entropy_knn_k50"))
+        if sigma is not None:
+            W = np.exp(-(np.log(t)[:, None] - np.log(t)[None, :]) ** 2 / (2 * sigma**2))
+            W /= W.sum(axis=1, keepdims=True)
+            U, S = W @ U, W @ S
+        expected = (U[4:] - U[:-4]) / (S[4:] - S[:-4])
+        got = table[np.isclose(table["lr"], lrs[2], rtol=1e-12)].sort_values("iteration")
+        np.testing.assert_allclose(got["T"], expected, rtol=1e-9)
+        np.testing.assert_array_equal(got["iteration"], t[2:-2])
+
+
+def test_report_reads_the_grid_analysis_block_from_the_parent_run(store, tmp_path, capsys):
+    """No flags: ε, the LR segment and W come from the analysis block of the grid.yaml artifact; a
+    per-group --eps beats it; a malformed group option exits 2 before reading anything."""
+    client = MlflowClient(tracking_uri=store["uri"])
+    exp = client.create_experiment("fe_block", artifact_location=(store["root"] / "art_block").as_uri())
+    pid = _parent(client, exp)
+    client.log_text(pid, "experiment: fe_block\nanalysis:\n  window: 10\n  groups:\n"
+                         "    - match: {width: 8}\n      eps: 0.02\n      lr_range: [1.0e-4, 1.0e-2]\n", "grid.yaml")
+    rng = np.random.default_rng(1)
+    data = {}
+    for lr in [LR_CONV, *FE_LRS]:
+        m = _fe_member_metrics(lr, rng)
+        data[lr] = m
+        _log_member(client, exp, pid, _params(lr=lr, D=D_FE), m)
+    out = tmp_path / "rep"
+    assert main(["--experiment", "fe_block", "--tracking-uri", store["uri"], "--out", str(out),
+                 "--no-upload", "--no-uniform-loss", "--uniform-n", "50"]) == 0
+    fe = pd.read_csv(out / "summary.csv").query("section == 'free_energy'").iloc[0]
+    assert fe["eps"] == 0.02 and fe["eps_source"] == "grid analysis.groups[0]"
+    assert "ε = 0.02 (grid analysis.groups[0])" in capsys.readouterr().out
+    st = pd.read_csv(out / "stationary.csv")
+    assert (st["window"] == 10).all()
+    lrs = np.array([LR_CONV, *FE_LRS])
+    U = np.array([_tail_mean(data[lr], "train_loss", 10) for lr in lrs])
+    S = np.array([_tail_mean(data[lr], "entropy_knn_k50", 10) for lr in lrs])
+    fit = fit_temperature(lrs, U, S, eps=0.02, lr_range=(1e-4, 1e-2))
+    assert fe["exponent_a"] == pytest.approx(fit.a, rel=1e-6)
+    out2 = tmp_path / "rep2"
+    assert main(["--experiment", "fe_block", "--tracking-uri", store["uri"], "--out", str(out2), "--no-upload",
+                 "--no-uniform-loss", "--uniform-n", "50", "--eps", "width=8:0.03"]) == 0
+    fe2 = pd.read_csv(out2 / "summary.csv").query("section == 'free_energy'").iloc[0]
+    assert fe2["eps"] == 0.03 and fe2["eps_source"] == "report option for this group"
+    capsys.readouterr()
+    assert main(["--experiment", "fe_block", "--tracking-uri", "sqlite:////nonexistent/x.db",
+                 "--eps", "width:0.1"]) == 2
+    assert "key=value" in capsys.readouterr().err

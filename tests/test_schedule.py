@@ -136,8 +136,9 @@ def test_local_sink_complete_and_incomplete_windows():
     for m in range(2):
         window = torch.stack([snaps[i][m] for i in range(16, 21)])
         expected = {f"entropy_knn_k{k}": v for k, v in H.knn_graph_entropy(window, [1, 2, 50]).items()}
-        expected["window_radius"] = H.window_radius(window)
-        assert set(rows[m]) == {"entropy_knn_k1", "entropy_knn_k2", "entropy_knn_k4", "window_radius"}
+        expected["window_radius"] = expected["window_radius_knn"] = H.window_radius(window)
+        assert set(rows[m]) == {"entropy_knn_k1", "entropy_knn_k2", "entropy_knn_k4", "window_radius",
+                                "window_radius_knn"}
         for key, v in expected.items():
             assert rows[m][key] == pytest.approx(v, rel=1e-12, abs=1e-12)
     # the window radius is the mean snapshot norm
@@ -187,7 +188,26 @@ def test_local_sink_evaluates_only_the_requested_specs():
     sink = LocalSink(specs, n_members=1, D=4)
     for i in range(3):
         sink.put(i, snaps[i])
-    assert set(sink.evaluate(2, [0])[0]) == {"entropy_knn_k1", "window_radius"}
-    assert set(sink.evaluate(2, [1])[0]) == {"entropy_kl_sphere", "entropy_kl_full", "window_radius"}
+    assert set(sink.evaluate(2, [0])[0]) == {"entropy_knn_k1", "window_radius", "window_radius_knn"}
+    assert set(sink.evaluate(2, [1])[0]) == {"entropy_kl_sphere", "entropy_kl_full", "window_radius",
+                                             "window_radius_kl"}
     assert set(sink.evaluate(2)[0]) == {"entropy_knn_k1", "entropy_kl_sphere", "entropy_kl_full",
-                                        "window_radius"}
+                                        "window_radius", "window_radius_knn", "window_radius_kl"}
+
+
+def test_each_estimator_keeps_its_window_radius_and_sigma_uses_the_kl_one():
+    # the radius grows with the iteration, so a k-NN window of the last 3 iterates (8, 9, 10) and a
+    # KL window of 3 snapshots every 5 (0, 5, 10) have different mean radii: 10 and 6 (|θ_i| = i + 1)
+    D = 4
+    direction = torch.ones(1, D) / 2.0                       # a unit vector
+    specs = [{"name": "knn", "window": 3, "ks": [1]}, {"name": "kl", "window": 3, "stride": 5}]
+    for order in (specs, specs[::-1]):                       # whichever is evaluated last
+        sink = LocalSink(order, n_members=1, D=D, dtype=torch.float64)
+        for i in range(11):
+            sink.put(i, direction * (i + 1))
+        row = sink.evaluate(10)[0]
+        assert row["window_radius_knn"] == pytest.approx(10.0, rel=1e-12)
+        assert row["window_radius_kl"] == pytest.approx(6.0, rel=1e-12)
+        assert row["window_radius"] == pytest.approx(6.0, rel=1e-12)    # σ² uses the KL window
+        # k-NN alone: its own radius
+        assert sink.evaluate(10, [order.index(specs[0])])[0]["window_radius"] == pytest.approx(10.0, rel=1e-12)

@@ -44,3 +44,18 @@ def test_default_phase_threshold_scales():
     assert default_phase_threshold(1_600_000) == 200_000
     assert default_phase_threshold(16_000) == 2_000
     assert default_phase_threshold(1_000_000, paper_iters=1_000_000, paper_threshold=200_000) == 200_000
+
+
+def test_phase_exponent_uses_only_the_window():
+    # inside 1e4 ≤ t ≤ 4e5 the law is stoch = e^0.3 · full^0.9; before and after it is a different one,
+    # so only a fit restricted to the window (ResNet analysis, THEORY §6) recovers a = 0.9 exactly
+    its = np.geomspace(10, 1e6, 200)
+    full = 1.0 / np.sqrt(its)
+    inside = (its >= 1e4) & (its <= 4e5)
+    stoch = np.where(inside, np.exp(0.3) * full**0.9, 2.0 * full**0.4)
+    a, b = gradient_phase_exponent(full, stoch, its, 1e4, 4e5)
+    assert a == pytest.approx(0.9, abs=1e-12) and b == pytest.approx(0.3, abs=1e-10)
+    a_open, _ = gradient_phase_exponent(full, stoch, its, 1e4)
+    assert abs(a_open - 0.9) > 0.05
+    with pytest.raises(ValueError, match="≤ iteration ≤"):
+        gradient_phase_exponent(full, stoch, its, 2e6, 3e6)

@@ -230,3 +230,28 @@ def test_sphere_toy_resume_is_exact_and_bundle_checked():
     _resume_equal(lambda: SphereToyRunner(members), lambda: None, 150)
     with pytest.raises(ValueError, match="setting"):
         SphereToyRunner([dict(setting="op", lr=0.1), dict(setting="up", lr=0.1)])
+
+
+def test_sphere_toy_draws_one_object_per_step_for_every_lr():
+    """Common random numbers (THEORY.md §8, the papers' code): the object index of step k is the k-th
+    draw of the setting's generator, the same for every LR. A walker therefore follows the path a hand
+    loop over those draws gives, whatever other LRs share its bundle."""
+    lrs, steps = (0.01, 0.1, 0.3), 500
+    bundle = SphereToyRunner([dict(setting="up", lr=lr, iterations=steps, log_schedule="every:500")
+                              for lr in lrs])
+    list(bundle.run())
+    gen = torch.Generator().manual_seed(43)                 # the UP seed
+    idx = torch.randint(3, (steps,), generator=gen).tolist()
+    normals = sphere_toy_normals("up")
+    for i, lr in enumerate(lrs):
+        w = torch.tensor([-0.8, 0.6, 0.1], dtype=torch.float64)
+        w = w / w.norm()
+        for k in idx:
+            n = normals[k]
+            c = (n * w).sum()
+            w = w - (2 * lr * c) * (n - c * w)
+            w = w / w.norm()
+        torch.testing.assert_close(bundle.w[i], w, rtol=0, atol=1e-10)
+        alone = SphereToyRunner([dict(setting="up", lr=lr, iterations=steps, log_schedule="every:500")])
+        list(alone.run())
+        torch.testing.assert_close(alone.w[0], bundle.w[i], rtol=0, atol=0)

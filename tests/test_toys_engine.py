@@ -108,3 +108,23 @@ def test_sphere_toy_grid_through_engine_and_report(ray_session, tmp_path, tracki
     t = pd.read_csv(out / "sphere_toy.csv")
     # UP has no common zero: its loss stays well above the OP threshold at every LR
     assert (t.loc[t["setting"] == "up", "final_loss"] > 1e-3).all()
+
+
+def test_vmf_members_stop_through_engine(ray_session, tmp_path, tracking_uri, monkeypatch):
+    """stop_when through Ray Tune and MLflow: the fast walker (η_eff = 0.1) stops early with status tag
+    `stopped`, its run is FINISHED with `stopped_at` as its last step, the slow one runs to the end."""
+    monkeypatch.chdir(tmp_path)
+    sets = ["iterations=60000", "log_schedule=every:1000", "lr=[0.1, 0.0001]", "wd=[0.01]", "checkpoint_every=0",
+            "entropy=[{name: kl, window: 20, stride: 50, standardize: true, evaluate_every: 2000}]",
+            "stop_when={u_rel_se: 0.1, s_se: 0.3, u_rows: 10, s_evals: 5}"]
+    assert _sweep(tmp_path, tracking_uri, "vmf_fixed_elr", sets) == 0
+    parent, children = mlflow_member_runs(tracking_uri, "vmf_fixed_elr")
+    by_lr = {float(r.data.params["lr"]): r for r in children.values()}
+    fast, slow = by_lr[0.1], by_lr[0.0001]
+    assert fast.data.tags["thermosweep.status"] == "stopped" and fast.info.status == "FINISHED"
+    (step, stopped_at), = metric_history(tracking_uri, fast.info.run_id, "stopped_at")
+    assert step == stopped_at < 60000
+    assert metric_history(tracking_uri, fast.info.run_id, "train_loss")[-1][0] == step
+    assert slow.data.tags["thermosweep.status"] == "done"
+    assert metric_history(tracking_uri, slow.info.run_id, "train_loss")[-1][0] == 60000
+    assert parent.data.tags["thermosweep.sweep_status"] == "finished"

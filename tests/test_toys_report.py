@@ -316,3 +316,22 @@ def test_report_main_runs_toy_sections(store, tmp_path):
     assert "pass_U" in md and (out / "vmf_fixed_lr_exact.png").exists()
     summary = pd.read_csv(out / "summary.csv")
     assert set(summary["section"]) >= {"vmf_exact", "vmf_adiabatic"}
+
+
+def test_z_verdict_counts_outliers_against_chance():
+    """THEORY §8: with dof 24, P(|t| > 3) = 0.00619 (Student t tables), so 225 members expect 1.39
+    outliers; with the margin (twice that) the 99 % Poisson quantile of mean 2.79 is 7: 7 pass, 8 fail.
+    A median |z| above 1 fails whatever the count."""
+    from analysis.toys_report import z_verdict
+    rng = np.random.default_rng(0)
+    base = np.abs(rng.standard_normal(225)) * 0.5          # median ≈ 0.34, no |z| > 3
+    base[base > 2.9] = 2.9
+    out, ok = z_verdict(base, 24)
+    assert out["n_abs_z_gt3_expected"] == pytest.approx(225 * 0.00619, rel=0.01)
+    assert out["n_abs_z_gt3_allowed"] == 7 and out["n_abs_z_gt3"] == 0 and ok
+    for n_out, want in ((7, True), (8, False)):
+        z = base.copy()
+        z[:n_out] = 3.5
+        assert z_verdict(z, 24)[1] is want
+    assert z_verdict(base + 1.0, 24)[1] is False                # median |z| ≈ 1.34
+    assert z_verdict([np.nan], 24)[1] is False                  # nothing to judge

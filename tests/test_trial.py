@@ -212,11 +212,31 @@ def test_forced_nan_detected_at_first_log_step():
 
 # ---- configuration errors -----------------------------------------------------------------------
 
-def test_bundle_of_two_networks_is_refused():
-    with pytest.raises(ValueError, match="one member"):
-        NetworkRunner([config(), config(lr=0.02)])
-    with pytest.raises(ValueError, match="one member"):
+def test_members_that_cannot_share_a_model_are_refused():
+    with pytest.raises(ValueError, match=r"differ in 'width' \(2, 4\).*remove 'width' from `bundle`"):
+        NetworkRunner([config(), config(width=4, lr=0.02)])
+    with pytest.raises(ValueError, match="at least one member"):
         NetworkRunner([])
+
+
+def test_test_pass_follows_the_full_pass_before_the_stochastic_gradients():
+    """THEORY §3 (corrected 2026-12-02): the eval-mode test metrics use the BN running statistics that
+    the 1024-chunk full pass left, not those of the M stochastic-gradient passes that follow it."""
+    from trainables import metrics as Mx
+    runner, _ = make(config(log_schedule="free_energy", iterations=3, entropy=[], num_stoch_grads=5))
+    row = next(iter(runner.run(None)))["rows"][0]
+    data = load_dataset("digits")
+    model = build_model("convnet", 2, 10, in_channels=1)
+    grad = torch.zeros(sum(p.numel() for p in si_parameters(model)))
+    Mx.full_gradient(model, data.x_train, data.y_train, grad, "ce")   # BN running stats of the full pass
+    test_loss, test_acc = Mx.evaluate(model, data.x_test, data.y_test, "ce")
+    assert row["test_loss"] == pytest.approx(test_loss.item(), rel=1e-5)
+    # after the stochastic passes the statistics (and so the test loss) would be another
+    gen = torch.Generator().manual_seed(0)
+    for _ in Mx.stochastic_gradients(model, data.x_train, data.y_train, grad, "ce", 5, 32, gen):
+        pass
+    later, _ = Mx.evaluate(model, data.x_test, data.y_test, "ce")
+    assert abs(later.item() - test_loss.item()) > 1e-3 * abs(test_loss.item())
 
 
 # ---- metric names and values --------------------------------------------------------------------
@@ -231,9 +251,10 @@ def test_metric_names_match_design():
     # windows incomplete (knn needs t ≥ 5, kl t ≥ 4): base names only
     assert set(rows[0]) == BASE_NAMES and set(rows[3]) == BASE_NAMES
     # kl window complete from t = 4, knn from t = 5; ks clipped to window − 1 = 5
-    assert set(rows[4]) == BASE_NAMES | {"entropy_kl_sphere", "entropy_kl_full", "window_radius"}
+    assert set(rows[4]) == BASE_NAMES | {"entropy_kl_sphere", "entropy_kl_full", "window_radius", "window_radius_kl"}
     knn = {"entropy_knn_k1", "entropy_knn_k2", "entropy_knn_k5"}
-    assert set(rows[20]) == BASE_NAMES | knn | {"entropy_kl_sphere", "entropy_kl_full", "window_radius"}
+    assert set(rows[20]) == BASE_NAMES | knn | {"entropy_kl_sphere", "entropy_kl_full", "window_radius",
+                                               "window_radius_kl", "window_radius_knn"}
     # running rows: every running_every iterations, radius_preproj on the fixed sphere
     running = [r for e in events for r in e["running"][0]]
     assert [r["iteration"] for r in running] == [5, 10, 15, 20]

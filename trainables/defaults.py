@@ -28,6 +28,11 @@ MEMBER_DEFAULTS: dict = {
     "entropy": [{"name": "knn", "window": 1000, "stride": 1, "ks": DEFAULT_KS}],
     "data_dir": None,
     "device": "auto",
+    "optimizer": "sgd",      # trainables.optimizers; its own keys take their defaults there when None
+    "momentum": None,
+    "beta1": None,
+    "beta2": None,
+    "adam_eps": None,
 }
 
 

@@ -128,12 +128,17 @@ def knn_graph_entropy(window, ks=DEFAULT_KS, intrinsic_dim=None, chunk=None):
     """
     _check_window(window)
     n, d = window.shape
-    ks = _clean_ks(ks, n)
     d_e = float(d - 1 if intrinsic_dim is None else intrinsic_dim)
     if not d_e > 0:
         raise ValueError(f"intrinsic dimension must be positive; got {d_e} (D={d}). "
                          "Pass intrinsic_dim explicitly for D = 1.")
-    d2 = pairwise_sq_distances(window, chunk)
+    return _knn_entropy_from_sq_distances(pairwise_sq_distances(window, chunk), ks, d_e)
+
+
+def _knn_entropy_from_sq_distances(d2, ks, d_e):
+    """§4a's Ŝ_k from an (N, N) matrix of squared distances (overwritten)."""
+    n = d2.shape[0]
+    ks = _clean_ks(ks, n)
     d2.fill_diagonal_(float("inf"))  # exclude the point itself
     nearest = torch.topk(d2, ks[-1], dim=1, largest=False, sorted=True).values  # (N, kmax)
     del d2
@@ -279,14 +284,31 @@ def kl_sphere_entropy(window, standardize=False, chunk=None):
 # -----------------------------------------------------------------------------
 # uniform reference (§4)
 
-def uniform_sphere_reference(D, n=1000, ks=DEFAULT_KS, loss_fn=None, seed=0, device="cpu", chunk=64):
+UNIFORM_TILE_ROWS = 32   # rows per tile of the uniform reference's Gaussian draws
+
+
+def _uniform_tile(seed, a, b, rows, cols):
+    """Tile (row block a, column block b) of the uniform reference's Gaussian matrix, float64 (CPU).
+
+    Every tile has its own generator seeded from (seed, a, b), so a row block and a column block can
+    each be drawn on their own: the same samples on every device and for every loss chunk."""
+    g = torch.Generator(device="cpu").manual_seed(hash((int(seed), a, b)) & (2 ** 63 - 1))
+    return torch.randn(rows, cols, generator=g, dtype=torch.float64)
+
+
+def uniform_sphere_reference(D, n=1000, ks=DEFAULT_KS, loss_fn=None, seed=0, device="cpu", chunk=64,
+                             col_chunk=None):
     """Expected loss and k-NN entropy (§4a) of n directions drawn uniformly on the unit sphere (THEORY.md §4).
 
-    Gaussian vectors are drawn one row at a time from a seeded CPU generator (same samples on every
-    device and for every chunk), normalised in float64 and stored as float32 on `device`.
-    loss_fn maps an (m, D) tensor of unit vectors to (m,) losses; it is called on `chunk` rows at a time
-    under torch.no_grad(). Returns {"entropy_knn_k{K}": Ŝ_K, ..., "train_loss": mean loss (if loss_fn)}.
-    Memory: n·D float32 on `device`.
+    Directions are Gaussian vectors z_i normalised. They are never held whole: z is drawn in tiles of
+    UNIFORM_TILE_ROWS rows × a column block (``_uniform_tile``), so any D fits. Entropy: the Gram
+    matrix z zᵀ is accumulated over column blocks on `device` (n × n float64), and
+    |θ_i − θ_j|² = 2 − 2 z_i·z_j/(|z_i||z_j|) (uniform points are far apart: no cancellation).
+    Loss: loss_fn maps an (m, D) float32 tensor of unit vectors on `device` to (m,) losses; it is called
+    under torch.no_grad() on at most `chunk` rows at a time (one row block is rebuilt from its tiles).
+    Returns {"entropy_knn_k{K}": Ŝ_K, ..., "train_loss": mean loss (if loss_fn)}.
+    Memory: n² float64 plus one (n, column block) and one (UNIFORM_TILE_ROWS, D) block; `col_chunk`
+    sets the column block (default ≈ 256 MB of float64 per block).
     """
     if isinstance(D, bool) or not isinstance(D, int) or D < 2:
         raise ValueError(f"D must be an int ≥ 2; got {D!r}")
@@ -294,17 +316,26 @@ def uniform_sphere_reference(D, n=1000, ks=DEFAULT_KS, loss_fn=None, seed=0, dev
         raise ValueError(f"n must be an int ≥ 2 (number of uniform samples); got {n!r}")
     if int(chunk) < 1:
         raise ValueError(f"chunk must be a positive number of rows; got {chunk!r}")
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    theta = torch.empty(n, D, dtype=torch.float32, device=device)
-    for i in range(n):
-        z = torch.randn(D, generator=gen, dtype=torch.float64)
-        theta[i] = (z / z.norm()).to(device=device, dtype=torch.float32)
-    out = {f"entropy_knn_k{k}": v for k, v in knn_graph_entropy(theta, ks).items()}
+    row_blocks = [(a, min(UNIFORM_TILE_ROWS, n - r0)) for a, r0 in enumerate(range(0, n, UNIFORM_TILE_ROWS))]
+    c = _column_chunk(n, col_chunk)
+    col_blocks = [(b, min(c, D - c0)) for b, c0 in enumerate(range(0, D, c))]
+    gram = torch.zeros(n, n, dtype=torch.float64, device=device)
+    for b, cols in col_blocks:
+        x = torch.cat([_uniform_tile(seed, a, b, rows, cols) for a, rows in row_blocks]).to(device)
+        gram.addmm_(x, x.T)
+    norms = gram.diagonal().sqrt()
+    d2 = (2.0 - 2.0 * gram / (norms[:, None] * norms[None, :])).clamp_(min=0.0)
+    del gram
+    out = {f"entropy_knn_k{k}": v for k, v in _knn_entropy_from_sq_distances(d2, ks, float(D - 1)).items()}
     if loss_fn is not None:
-        total = 0.0
+        total, norms = 0.0, norms.cpu()
         with torch.no_grad():
-            for a in range(0, n, int(chunk)):
-                losses = loss_fn(theta[a:a + int(chunk)])
-                total += losses.to(torch.float64).sum().item()
+            for a, rows in row_blocks:
+                r0 = a * UNIFORM_TILE_ROWS
+                z = torch.cat([_uniform_tile(seed, a, b, rows, cols) for b, cols in col_blocks], dim=1)
+                theta = (z / norms[r0:r0 + rows, None]).to(device=device, dtype=torch.float32)
+                del z
+                for m in range(0, rows, int(chunk)):
+                    total += loss_fn(theta[m:m + int(chunk)]).to(torch.float64).sum().item()
         out["train_loss"] = total / n
     return out

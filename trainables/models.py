@@ -6,6 +6,8 @@ for cross-entropy, 1.5 for MSE) and is not part of θ.
 
 Public API:
     build_model(name, width, num_classes, ...) -> nn.Module
+    build_bundle(name, width, num_classes, members, ...) -> nn.Module of K members (grouped convs)
+    FlatBundle(model, K)          θ (K, D) and ∇ (K, D) of a bundled model, one row per member
     si_parameters(model) -> list of trainable parameters (θ, fixed order)
     num_si_params(model) -> D
     flatten_si_parameters(model) -> (theta, grad) flat views shared with the model
@@ -19,12 +21,58 @@ import torch.nn.functional as F
 HEAD_NORMS = {"ce": 10.0, "mse": 1.5}  # THEORY.md §1
 
 
-def _conv3x3(cin, cout, stride=1):
-    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+def _conv(cin, cout, kernel, stride=1, bundle=None):
+    """A bias-free conv; for a bundle of K members, K of them side by side (grouped, see BundleConv)."""
+    if bundle is None:
+        return nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False)
+    return BundleConv(bundle, cin, cout, kernel, stride)
 
 
-def _bn(c):
-    return nn.BatchNorm2d(c, affine=False)
+def _conv3x3(cin, cout, stride=1, bundle=None):
+    return _conv(cin, cout, 3, stride, bundle)
+
+
+def _bn(c, bundle=None):
+    """BN(affine=False); over K·c channels for a bundle, which keeps every member's statistics apart."""
+    return nn.BatchNorm2d(c * (bundle or 1), affine=False)
+
+
+def _head(cin, num_classes, bias, bundle=None):
+    if bundle is None:
+        return nn.Linear(cin, num_classes, bias=bias)
+    return BundleHead(bundle, cin, num_classes, bias)
+
+
+class BundleConv(nn.Module):
+    """K bias-free convs cin→cout as one conv with K·cout output channels (member k: block k).
+
+    The input is either per member, (B, K·cin, H, W), and the conv is grouped (groups = K); or shared
+    by all members, (B, cin, H, W) (members that draw the same minibatch), and the conv is dense.
+    """
+
+    def __init__(self, K, cin, cout, kernel, stride=1):
+        super().__init__()
+        self.K, self.cin, self.stride, self.padding = K, cin, stride, kernel // 2
+        self.weight = nn.Parameter(torch.empty(K * cout, cin, kernel, kernel))
+
+    def forward(self, x):
+        groups = self.K if x.shape[1] == self.K * self.cin else 1
+        return F.conv2d(x, self.weight, None, self.stride, self.padding, 1, groups)
+
+
+class BundleHead(nn.Module):
+    """K frozen linear heads: features (B, K·F) → logits (K, B, classes)."""
+
+    def __init__(self, K, cin, num_classes, bias):
+        super().__init__()
+        self.K = K
+        self.register_buffer("weight", torch.zeros(K, num_classes, cin))
+        self.register_buffer("bias", torch.zeros(K, 1, num_classes) if bias else None)
+
+    def forward(self, f):
+        f = f.view(f.shape[0], self.K, -1).transpose(0, 1)                 # (K, B, F)
+        w = self.weight.transpose(1, 2)
+        return torch.bmm(f, w) if self.bias is None else torch.baddbmm(self.bias, f, w)
 
 
 # -----------------------------------------------------------------------------
@@ -38,18 +86,19 @@ class ConvNet(nn.Module):
     adaptive max pool to 1×1: identical at 32×32 input, and it also accepts 8×8 digits.
     """
 
-    def __init__(self, width, num_classes, in_channels=3):
+    def __init__(self, width, num_classes, in_channels=3, bundle=None):
         super().__init__()
         c = width
         chans = [in_channels, c, 2 * c, 4 * c, 8 * c]
         layers = []
         for i in range(4):
-            layers += [_conv3x3(chans[i], chans[i + 1]), _bn(chans[i + 1]), nn.ReLU(inplace=True)]
+            layers += [_conv3x3(chans[i], chans[i + 1], bundle=bundle), _bn(chans[i + 1], bundle),
+                       nn.ReLU(inplace=True)]
             if i > 0:
                 layers.append(nn.MaxPool2d(2))
         layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten()]
         self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(8 * c, num_classes)  # replaced and frozen by build_model
+        self.head = _head(8 * c, num_classes, True, bundle)  # replaced and frozen by build_model
 
     def forward(self, x):
         return self.head(self.features(x))
@@ -66,15 +115,15 @@ class PreActBlock(nn.Module):
     block's pre-activated input relu(bn1(x)); otherwise it is the identity on x.
     """
 
-    def __init__(self, cin, cout, stride):
+    def __init__(self, cin, cout, stride, bundle=None):
         super().__init__()
-        self.bn1 = _bn(cin)
-        self.conv1 = _conv3x3(cin, cout, stride)
-        self.bn2 = _bn(cout)
-        self.conv2 = _conv3x3(cout, cout)
+        self.bn1 = _bn(cin, bundle)
+        self.conv1 = _conv3x3(cin, cout, stride, bundle)
+        self.bn2 = _bn(cout, bundle)
+        self.conv2 = _conv3x3(cout, cout, bundle=bundle)
         self.shortcut = None
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(_bn(cin), nn.Conv2d(cin, cout, 1, stride=stride, bias=False))
+            self.shortcut = nn.Sequential(_bn(cin, bundle), _conv(cin, cout, 1, stride, bundle))
 
     def forward(self, x):
         out = F.relu(self.bn1(x))
@@ -88,19 +137,19 @@ class PreActResNet18(nn.Module):
     """conv3x3(in→k); stages of 2 blocks with k, 2k, 4k, 8k planes (strides 1,2,2,2); BN ReLU
     global average pool (adaptive; = AvgPool4 at 32×32); frozen bias-free head."""
 
-    def __init__(self, width, num_classes, in_channels=3):
+    def __init__(self, width, num_classes, in_channels=3, bundle=None):
         super().__init__()
         k = width
-        self.conv1 = _conv3x3(in_channels, k)
+        self.conv1 = _conv3x3(in_channels, k, bundle=bundle)
         blocks, cin = [], k
         for planes, stride in [(k, 1), (2 * k, 2), (4 * k, 2), (8 * k, 2)]:
             for s in (stride, 1):
-                blocks.append(PreActBlock(cin, planes, s))
+                blocks.append(PreActBlock(cin, planes, s, bundle))
                 cin = planes
         self.blocks = nn.Sequential(*blocks)
-        self.bn = _bn(cin)
+        self.bn = _bn(cin, bundle)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(cin, num_classes, bias=False)  # replaced and frozen by build_model
+        self.head = _head(cin, num_classes, False, bundle)  # replaced and frozen by build_model
 
     def forward(self, x):
         out = self.blocks(self.conv1(x))
@@ -187,3 +236,61 @@ def flatten_si_parameters(model):
 def global_norm(theta):
     """|θ|, the Euclidean norm of a flat tensor (0-dim tensor)."""
     return torch.linalg.vector_norm(theta)
+
+
+# -----------------------------------------------------------------------------
+# bundles: K members as one model
+
+
+def build_bundle(name, width, num_classes, members, in_channels=3):
+    """K members as one model with grouped convolutions (docs/DESIGN.md "Bundled network runner").
+
+    ``members``: one dict per member with ``loss``, ``init_seed``, ``head_seed``, ``radius``. Member k
+    starts exactly where ``build_model`` would start it alone: its weights are block k of every conv,
+    its BN statistics channels k·c … (k+1)·c − 1, its frozen head ``head.weight[k]``.
+    """
+    solos = [build_model(name, width, num_classes, in_channels, loss=m["loss"], init_seed=m["init_seed"],
+                         head_seed=m["head_seed"], radius=m["radius"]) for m in members]
+    model = MODELS[name](width, num_classes, in_channels, bundle=len(solos))
+    with torch.no_grad():
+        for p, blocks in zip(si_parameters(model), zip(*(si_parameters(s) for s in solos)), strict=True):
+            p.copy_(torch.cat(blocks))
+        model.head.weight.copy_(torch.stack([s.head.weight for s in solos]))
+        if model.head.bias is not None:
+            model.head.bias.copy_(torch.stack([s.head.bias for s in solos]).unsqueeze(1))
+    return model
+
+
+class FlatBundle:
+    """The weights of a bundled model as ``theta`` (K, D), row k = member k's θ in ``build_model``'s
+    flat order, and its gradient as ``grad`` (K, D).
+
+    The conv weights of a bundle stack the members block by block, so they cannot be views of the
+    rows. They are views of a second flat buffer instead (``flatten_si_parameters``), refilled from
+    ``theta`` by one gather (``load``); after a backward, one gather brings the gradient back to
+    ``grad`` (``store_grad``). Protocol updates act on ``theta``.
+    """
+
+    def __init__(self, model, K):
+        self.flat, self.flat_grad = flatten_si_parameters(model)
+        D = self.flat.numel() // K
+        self.K, self.D = K, D
+        to_flat, offset = [], 0
+        for p in si_parameters(model):
+            n = p.numel() // K                  # one member's share of this tensor
+            rows = torch.arange(K).view(K, 1) * D + offset
+            to_flat.append((rows + torch.arange(n)).reshape(-1))
+            offset += n
+        dev = self.flat.device
+        self.to_flat = torch.cat(to_flat).to(dev)                 # flat[i] = theta.view(-1)[to_flat[i]]
+        self.to_rows = torch.argsort(self.to_flat)                # theta.view(-1)[j] = flat[to_rows[j]]
+        self.theta = self.flat[self.to_rows].view(K, D).clone()
+        self.grad = torch.zeros_like(self.theta)
+
+    def load(self):
+        """Copy ``theta`` into the model's weights."""
+        torch.index_select(self.theta.view(-1), 0, self.to_flat, out=self.flat)
+
+    def store_grad(self):
+        """Copy the model's gradient into ``grad``."""
+        torch.index_select(self.flat_grad, 0, self.to_rows, out=self.grad.view(-1))

@@ -33,7 +33,7 @@ def window_entropy(window: torch.Tensor, spec: dict) -> dict[str, float]:
         out["entropy_kl_full"] = float(s_full)
     else:
         raise ValueError(f"unknown entropy estimator '{spec['name']}' (use knn or kl)")
-    out["window_radius"] = float(H.window_radius(window))
+    out[f"window_radius_{spec['name']}"] = float(H.window_radius(window))
     return without_nonfinite(out)
 
 
@@ -43,6 +43,22 @@ def without_nonfinite(out: dict[str, float]) -> dict[str, float]:
     if not bad:
         return out
     return {k: v for k, v in out.items() if k not in bad} | {"entropy_missing": 1.0, "entropy_nonfinite": 1.0}
+
+
+SIGMA_RADIUS_ORDER = ("kl", "knn")   # whose window radius σ² uses when both are evaluated at one step
+
+
+def add_window_entropy(row: dict, values: dict) -> dict:
+    """Merge one estimator's ``window_entropy`` values into a member's row and set ``window_radius``,
+    the r̄ that σ², tr Σ and G² use (THEORY.md §3): the KL window's when it was evaluated at this
+    step (the ideal-gas paper's σ² window), else the k-NN window's. Each estimator keeps its own
+    ``window_radius_<name>``, so evaluating both at one step never overwrites one with the other."""
+    row.update(values)
+    for name in SIGMA_RADIUS_ORDER:
+        if f"window_radius_{name}" in row:
+            row["window_radius"] = row[f"window_radius_{name}"]
+            break
+    return row
 
 
 class LocalSink:
@@ -93,7 +109,7 @@ class LocalSink:
                 continue
             slots = [(i // stride) % n for i in window_iterations(t, n, stride)]   # oldest first
             for m in members:
-                rows[m].update(window_entropy(self.buffers[k][m, slots], spec))
+                add_window_entropy(rows[m], window_entropy(self.buffers[k][m, slots], spec))
         return rows
 
     def state_dict(self) -> dict:

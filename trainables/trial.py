@@ -1,14 +1,21 @@
-"""The trial loop of a scale-invariant network, read top to bottom.
+"""The trial loop of scale-invariant networks, read top to bottom.
 
-``NetworkRunner`` trains one member (one grid point). θ_t denotes the weights after t SGD steps. For
-t = 0, 1, …: if t is a snapshot iteration θ_t goes to the sink; if t is a log step the full metrics of
-θ_t (and the window's entropy) are measured and an event is yielded; then one SGD step makes θ_{t+1}.
+``NetworkRunner`` trains a bundle of K members (grid points that share architecture, data and schedule;
+docs/DESIGN.md "Bundled network runner"). θ_t denotes the weights after t SGD steps, one row per member:
+(K, D). For t = 0, 1, …: if t is a snapshot iteration θ_t goes to the sink; if t is a log step the full
+metrics of every running member's θ_t (and the window's entropy) are measured and an event is yielded;
+then one SGD step makes θ_{t+1}.
+
+One member (K = 1) trains the plain model whose weights are views of θ (``_Solo``). K > 1 members train as
+one model with grouped convolutions (``_Bundle``): one forward and one backward of the summed member
+losses per step give every member its own gradient, whatever K.
 
 The ordinary iteration never waits for the device: batch indices come from the trial's own device
-generator, the update is a handful of tensor ops on the flat θ, the running metrics (every
-``running_every`` steps) are kept as device tensors and read back together at the next flush, where
-divergence (a non-finite minibatch loss) is also noticed. Measurements at log steps use their own
-generator, so logging never changes the trajectory.
+generators (one per distinct ``seed``: members with equal seeds see the same minibatches), the update is a
+handful of tensor ops on θ, the running metrics (every ``running_every`` steps) are kept as device tensors
+and read back together at the next flush, where divergence (a non-finite minibatch loss) is also noticed.
+A diverged member stops: its row is reset to its start and its learning rate masked to zero, the others go
+on. Measurements at log steps use their own generators, so logging never changes the trajectory.
 """
 from __future__ import annotations
 
@@ -18,185 +25,341 @@ from typing import Iterator
 import torch
 
 from trainables import metrics as Mx
-from trainables import protocols
+from trainables import optimizers, protocols
 from trainables.data import load_dataset, sample_batch_indices
 from trainables.defaults import DEFAULT_KS, fill_defaults, resolve_device
 from trainables.entropy import knn_graph_entropy
-from trainables.models import build_model, flatten_si_parameters
+from trainables.models import FlatBundle, build_bundle, build_model, flatten_si_parameters
+from trainables.runner import bundle_conflicts
 from trainables.schedule import SnapshotPlan, log_iterations
 
 FLUSH_EVERY = 20          # running rows buffered on the device before one read-back
 METRIC_SEED_OFFSET = 1_000_003
 STOCH_ENTROPY_MAX_BYTES = 4 * 2**30   # the M displacements of the stochastic entropy sit in memory
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+METRIC_NAMES = ("train_loss", "train_acc", "test_loss", "test_acc", "radius")
+
+
+class _Solo:
+    """One member: the plain model, its SI weights views of θ (D,) (the fastest path at K = 1)."""
+
+    def __init__(self, cfgs, data, device, dtype):
+        cfg = cfgs[0]
+        self.model = build_model(cfg["model"], cfg["width"], data.num_classes, in_channels=data.in_channels,
+                                 loss=cfg["loss"], init_seed=cfg["init_seed"], head_seed=cfg["head_seed"],
+                                 radius=cfg["radius"]).to(device=device, dtype=dtype)
+        self.model.train()
+        self.data = data
+        self.theta, self.grad = flatten_si_parameters(self.model)
+
+    def train_losses(self, gens, batch_size, loss):
+        """Draw a minibatch, leave its gradient in ``grad``; the loss, shape (1,)."""
+        x, y = self.data.x_train, self.data.y_train
+        idx = sample_batch_indices(x.shape[0], batch_size, gens[0])
+        self.grad.zero_()
+        l = Mx.batch_loss(self.model(x[idx]), y[idx], loss)
+        l.backward()
+        return l.detach().reshape(1)
+
+    def full_pass(self, loss):
+        d = self.data
+        return Mx.full_gradient(self.model, d.x_train, d.y_train, self.grad, loss)
+
+    def test_pass(self, loss):
+        return Mx.evaluate(self.model, self.data.x_test, self.data.y_test, loss)
+
+    def stochastic_gradients(self, gens, M, batch_size, loss):
+        d = self.data
+        return Mx.stochastic_gradients(self.model, d.x_train, d.y_train, self.grad, loss, M, batch_size, gens[0])
+
+
+class _Bundle:
+    """K members as one model with grouped convolutions; θ and ∇ are (K, D) (``models.FlatBundle``)."""
+
+    def __init__(self, cfgs, data, device, dtype):
+        cfg = cfgs[0]
+        self.model = build_bundle(cfg["model"], cfg["width"], data.num_classes, cfgs,
+                                  in_channels=data.in_channels).to(device=device, dtype=dtype)
+        self.model.train()
+        self.data, self.K = data, len(cfgs)
+        self.flat = FlatBundle(self.model, self.K)
+        self.theta, self.grad = self.flat.theta, self.flat.grad
+        seeds = list(dict.fromkeys(int(c["seed"]) for c in cfgs))
+        self.group = torch.tensor([seeds.index(int(c["seed"])) for c in cfgs], device=device)
+
+    def _batch(self, gens, batch_size):
+        """One minibatch per seed; shared input (B, C, H, W) when all members share a seed, else the
+        members' own batches side by side as channels (B, K·C, H, W)."""
+        x, y = self.data.x_train, self.data.y_train
+        idx = [sample_batch_indices(x.shape[0], batch_size, g) for g in gens]
+        if len(idx) == 1:
+            return x[idx[0]], y[idx[0]]
+        idx = torch.stack(idx)[self.group]                                       # (K, B)
+        xb = x[idx].transpose(0, 1).reshape(batch_size, -1, *x.shape[2:])
+        return xb, y[idx]
+
+    def _backward_losses(self, xb, yb, loss):
+        self.flat.flat_grad.zero_()
+        losses = Mx.member_batch_losses(self.model(xb), yb, loss)
+        losses.sum().backward()          # member k's loss depends on member k's weights only
+        self.flat.store_grad()
+        return losses.detach()
+
+    def train_losses(self, gens, batch_size, loss):
+        self.flat.load()
+        return self._backward_losses(*self._batch(gens, batch_size), loss)
+
+    def full_pass(self, loss):
+        self.flat.load()
+        d = self.data
+        out = Mx.full_gradient(self.model, d.x_train, d.y_train, self.flat.flat_grad, loss)
+        self.flat.store_grad()
+        return out
+
+    def test_pass(self, loss):
+        return Mx.evaluate(self.model, self.data.x_test, self.data.y_test, loss)
+
+    def stochastic_gradients(self, gens, M, batch_size, loss):
+        self.model.train()
+        for _ in range(M):
+            self._backward_losses(*self._batch(gens, batch_size), loss)
+            yield self.grad
 
 
 class NetworkRunner:
     def __init__(self, members: list[dict], device=None):
-        if len(members) != 1:
-            raise ValueError(
-                f"a network trial holds one member, got {len(members)}: bundling is for toy systems; "
-                "remove the network axes from `bundle` in the grid")
-        cfg = fill_defaults(members[0])
-        self.members = [cfg]
+        if not members:
+            raise ValueError("a network trial needs at least one member")
+        cfgs = [fill_defaults(m) for m in members]
+        problems = bundle_conflicts(cfgs)
+        if problems:
+            raise ValueError("; ".join(problems))
+        cfg = cfgs[0]
+        self.members, self.K = cfgs, len(cfgs)
         self.device = resolve_device(device if device is not None else cfg["device"])
+        dtype = self._dtype(cfg)
         self.data = load_dataset(cfg["dataset"], data_dir=cfg["data_dir"],
                                  samples_per_label=cfg["samples_per_label"],
                                  data_seed=cfg["data_seed"], device=self.device)
-        self.model = build_model(cfg["model"], cfg["width"], self.data.num_classes,
-                                 in_channels=self.data.in_channels, loss=cfg["loss"],
-                                 init_seed=cfg["init_seed"], head_seed=cfg["head_seed"],
-                                 radius=cfg["radius"]).to(self.device)
-        self.model.train()
-        self.theta, self.grad = flatten_si_parameters(self.model)
-        self.D = self.theta.numel()
-        self.update = protocols.get(cfg["protocol"])
-        self.lr, self.wd, self.r0 = float(cfg["lr"]), float(cfg["wd"]), float(cfg["radius"])
+        if dtype != self.data.x_train.dtype:
+            self.data.x_train, self.data.x_test = self.data.x_train.to(dtype), self.data.x_test.to(dtype)
+        self.net = (_Solo if self.K == 1 else _Bundle)(cfgs, self.data, self.device, dtype)
+        self.model = self.net.model
+        self.theta, self.grad = self.net.theta, self.net.grad      # (D,) alone, (K, D) in a bundle
+        self.rows = self.theta.view(self.K, -1)
+        self.theta0 = self.rows.detach().clone()                     # where a diverged member is parked
+        self.D = self.rows.shape[1]
+        self.protocol = cfg["protocol"]
+        self.opt = optimizers.optimizer_config(cfg)   # sgd: exactly the protocol update of THEORY §2
         self.loss = cfg["loss"]
+        if self.K == 1:   # plain floats: the numbers of the one-member runner stay what they were
+            self.lr, self.wd, self.r0 = float(cfg["lr"]), float(cfg["wd"]), float(cfg["radius"])
+        else:
+            col = lambda key: torch.tensor([[float(m[key])] for m in cfgs], device=self.device, dtype=dtype)
+            self.lr_members, self.wd, self.r0 = col("lr"), col("wd"), col("radius")
+            self.lr = self.lr_members.clone()                         # zero in the rows of stopped members
         self.batch_size = int(cfg["batch_size"])
         self.iterations = int(cfg["iterations"])
         self.running_every = int(cfg["running_every"])
         self.num_stoch_grads = int(cfg["num_stoch_grads"])
         self.stoch_entropy_ks = self._stochastic_entropy_ks(cfg)
         self._stoch_buf = None
+        self.opt_state = optimizers.init_state(self.opt, self.theta)
         self.log_iters = log_iterations(cfg["log_schedule"], self.iterations)
         self.log_set = set(self.log_iters)
         self.plan = SnapshotPlan(self.log_iters, cfg["entropy"] or [])
-        self.gen = torch.Generator(device=self.device).manual_seed(int(cfg["seed"]))
-        self.metric_gen = torch.Generator(device=self.device).manual_seed(
-            int(cfg["seed"]) + METRIC_SEED_OFFSET)
+        seeds = list(dict.fromkeys(int(m["seed"]) for m in cfgs))    # one generator per distinct seed
+        self.gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
+        self.metric_gens = [torch.Generator(device=self.device).manual_seed(s + METRIC_SEED_OFFSET)
+                            for s in seeds]
         self.iteration = 0
         self.host_done = False      # host work (snapshot, log) for θ_iteration already done
-        self.status = ["running"]
-        self._bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.status = ["running"] * self.K
+        self.regime = ["training"] * self.K
+        self._last_train_loss: list[float | None] = [None] * self.K
+        self._bad = torch.zeros(self.K, dtype=torch.bool, device=self.device)
         self._running: list[tuple[int, torch.Tensor]] = []
-        self._pending_running: list[dict] = []
+        self._pending_running: list[list[dict]] = [[] for _ in range(self.K)]
+
+    @staticmethod
+    def _dtype(cfg):
+        name = cfg.get("dtype", "float32")
+        if name not in DTYPES:
+            raise ValueError(f"dtype {name!r}: use one of {', '.join(DTYPES)}")
+        return DTYPES[name]
 
     def _stochastic_entropy_ks(self, cfg) -> list[int] | None:
         """ks of the stochastic entropy (those of the knn spec, else DEFAULT_KS), None when off."""
         if not cfg.get("stochastic_entropy"):
             return None
-        need = self.num_stoch_grads * self.D * self.grad.element_size()
+        need = self.num_stoch_grads * self.K * self.D * self.grad.element_size()
         if self.num_stoch_grads < 2 or need > STOCH_ENTROPY_MAX_BYTES:
             raise ValueError(
                 f"stochastic_entropy keeps the M = {self.num_stoch_grads} displacements of D = {self.D} "
-                f"weights in memory ({need / 2**30:.1f} GiB; the limit is {STOCH_ENTROPY_MAX_BYTES / 2**30:.0f} "
-                "GiB) and needs M ≥ 2: lower num_stoch_grads or set stochastic_entropy: false")
+                f"weights of {self.K} member(s) in memory ({need / 2**30:.1f} GiB; the limit is "
+                f"{STOCH_ENTROPY_MAX_BYTES / 2**30:.0f} GiB) and needs M ≥ 2: lower num_stoch_grads or set "
+                "stochastic_entropy: false (or bundle fewer members)")
         knn = [s for s in (cfg["entropy"] or []) if s["name"] == "knn"]
         return list(knn[0].get("ks") or DEFAULT_KS) if knn else list(DEFAULT_KS)
 
     def _kept(self, grads):
-        """Pass the stochastic gradients through, copying each into the displacement buffer."""
+        """Pass the stochastic gradients through, copying each into the displacement buffer (M, K, D)."""
         if self._stoch_buf is None:
-            # kept for the runner's life: the same M × D block is refilled at every log step
-            self._stoch_buf = torch.empty(self.num_stoch_grads, self.D, device=self.device,
+            # kept for the runner's life: the same block is refilled at every log step
+            self._stoch_buf = torch.empty(self.num_stoch_grads, self.K, self.D, device=self.device,
                                           dtype=self.grad.dtype)
         for i, g in enumerate(grads):
-            self._stoch_buf[i].copy_(g)
+            self._stoch_buf[i].copy_(g.view(self.K, -1))
             yield g
 
     # ---- the hot loop -------------------------------------------------------------------------
     def _step(self, t: int) -> None:
         """θ_t → θ_{t+1}: one minibatch, one backward, one protocol update; no host synchronisation."""
-        x, y = self.data.x_train, self.data.y_train
-        idx = sample_batch_indices(x.shape[0], self.batch_size, self.gen)
-        self.grad.zero_()
-        loss = Mx.batch_loss(self.model(x[idx]), y[idx], self.loss)
-        loss.backward()
+        losses = self.net.train_losses(self.gens, self.batch_size, self.loss)
         with torch.no_grad():
-            r_tilde = self.update(self.theta, self.grad, self.lr, self.wd, self.r0)
-            self._bad |= ~torch.isfinite(loss)
+            r_tilde = optimizers.step(self.opt, self.protocol, self.theta, self.grad, self.opt_state,
+                                      self.lr, self.wd, self.r0)
+            self._bad |= ~torch.isfinite(losses)
             if (t + 1) % self.running_every == 0:
-                pre = r_tilde.reshape(()) if r_tilde is not None else torch.full((), math.nan, device=self.device)
+                K = self.K
+                pre = r_tilde.reshape(K) if r_tilde is not None else torch.full((K,), math.nan, device=self.device)
                 self._running.append((t + 1, torch.stack([
-                    loss.detach().float(), protocols.norm(self.grad).reshape(()).float(),
-                    protocols.norm(self.theta).reshape(()).float(), pre.float()])))
+                    losses.float(), protocols.norm(self.grad).reshape(K).float(),
+                    protocols.norm(self.theta).reshape(K).float(), pre.float()])))
 
-    def _flush_running(self) -> None:
-        """Read the buffered running rows back in one transfer; notice divergence here."""
+    def _flush_running(self) -> list[int]:
+        """Read the buffered running rows back in one transfer; notice divergence here. Returns the
+        members that diverged now."""
+        running = [k for k, s in enumerate(self.status) if s == "running"]
         if self._running:
-            values = torch.stack([v for _, v in self._running]).cpu().tolist()
+            values = torch.stack([v for _, v in self._running]).cpu().tolist()   # (n, 4, K)
             for (it, _), (bl, gn, r, pre) in zip(self._running, values):
-                row = {"iteration": it, "batch_loss": bl, "stoch_grad_norm": gn, "radius": r}
-                if not math.isnan(pre):
-                    row["radius_preproj"] = pre
-                self._pending_running.append(row)
+                for k in running:
+                    row = {"iteration": it, "batch_loss": bl[k], "stoch_grad_norm": gn[k], "radius": r[k]}
+                    if not math.isnan(pre[k]):
+                        row["radius_preproj"] = pre[k]
+                    self._pending_running[k].append(row)
             self._running = []
-        if bool(self._bad) or not bool(torch.isfinite(self.theta).all()):
-            self.status = ["diverged"]
+        bad = (self._bad | ~torch.isfinite(self.rows).all(dim=1)).cpu().tolist()
+        diverged = [k for k in running if bad[k]]
+        self._stop(diverged)
+        return diverged
+
+    def _stop(self, members: list[int]) -> None:
+        """Mark members diverged and park them: θ back at its start, learning rate zero (a bundle goes on)."""
+        for k in members:
+            self.status[k] = "diverged"
+            if self.K > 1:
+                with torch.no_grad():
+                    self.rows[k].copy_(self.theta0[k])
+                    self.lr[k] = 0.0
+                    for v in self.opt_state.values():      # no NaN moments left in a parked row
+                        if v.dim() == 2:
+                            v[k].zero_()
+                    self._bad[k] = False
 
     # ---- log steps ----------------------------------------------------------------------------
-    def measure(self, t: int, sink) -> dict:
-        """All §3 metrics of θ_t, plus the window entropy when the window is complete."""
-        d = self.data
-        train_loss, train_acc = Mx.full_gradient(self.model, d.x_train, d.y_train, self.grad, self.loss)
+    def measure(self, t: int, sink) -> list[dict]:
+        """All §3 metrics of every member's θ_t, plus the window entropy when the window is complete.
+
+        Order (THEORY §3, corrected 2026-12-02): the full-train pass, then the eval-mode test pass (its
+        BN running statistics are those the 1024-chunk full pass left), then the M stochastic gradients.
+        """
+        K = self.K
+        train_loss, train_acc = self.net.full_pass(self.loss)
         gbar = self.grad.clone()
-        grads = Mx.stochastic_gradients(self.model, d.x_train, d.y_train, self.grad, self.loss,
-                                        self.num_stoch_grads, self.batch_size, self.metric_gen)
+        test_loss, test_acc = self.net.test_pass(self.loss)
+        grads = self.net.stochastic_gradients(self.metric_gens, self.num_stoch_grads, self.batch_size, self.loss)
         stats = Mx.gradient_noise_stats(gbar, grads if self.stoch_entropy_ks is None else self._kept(grads))
-        # eval-mode test metrics use the BN running statistics the gradient passes just updated (§3)
-        test_loss, test_acc = Mx.evaluate(self.model, d.x_test, d.y_test, self.loss)
-        radius = protocols.norm(self.theta).reshape(())
-        names = ["train_loss", "train_acc", "test_loss", "test_acc", "radius", *stats]
-        values = torch.stack([v.double() for v in (train_loss, train_acc, test_loss, test_acc, radius,
-                                                    *stats.values())]).cpu().tolist()
-        row = {"iteration": t, **dict(zip(names, values))}
-        if self.stoch_entropy_ks is not None:
-            # §4a on the M one-step displacements η g_i (η: the protocol's multiplier at this radius);
-            # they lie in the tangent space at θ, so d_e = D − 1 as for the trajectory. Scaling every
-            # point by η scales each L_k by η, so Ŝ_k(η g) = Ŝ_k(g) + d_e log η (no scaled copy)
-            step = protocols.step_lr(self.members[0]["protocol"], self.lr, row["radius"])
-            d_e = self.D - 1
-            S = knn_graph_entropy(self._stoch_buf, self.stoch_entropy_ks, intrinsic_dim=d_e)
-            row.update({f"stoch_entropy_knn_k{k}": v + d_e * math.log(step) for k, v in S.items()})
-        if sink is not None and self.plan.evaluates(t):
-            row.update(sink.evaluate(t, self.plan.specs_at(t))[0])
-        r_bar = row.get("window_radius", row["radius"])
-        row.update(Mx.variance_terms(row, r_bar, self.D))
-        return row
+        radius = protocols.norm(self.theta)
+        names = [*METRIC_NAMES, *stats]
+        values = torch.stack([v.double().reshape(K) for v in (train_loss, train_acc, test_loss, test_acc,
+                                                               radius, *stats.values())]).cpu().tolist()
+        rows = [{"iteration": t, **{n: values[i][k] for i, n in enumerate(names)}} for k in range(K)]
+        entropy = sink.evaluate(t, self.plan.specs_at(t)) if sink is not None and self.plan.evaluates(t) else None
+        for k, row in enumerate(rows):
+            if self.stoch_entropy_ks is not None:
+                row.update(self._stochastic_entropy(k, row["radius"]))
+            if entropy is not None:
+                row.update(entropy[k])
+            r_bar = row.get("window_radius", row["radius"])
+            row.update(Mx.variance_terms(row, r_bar, self.D))
+        return rows
+
+    def _stochastic_entropy(self, k: int, radius: float) -> dict:
+        # §4a on the M one-step displacements η g_i (η: the protocol's multiplier at this radius);
+        # they lie in the tangent space at θ, so d_e = D − 1 as for the trajectory. Scaling every
+        # point by η scales each L_k by η, so Ŝ_k(η g) = Ŝ_k(g) + d_e log η (no scaled copy)
+        m = self.members[k]
+        step = optimizers.step_lr(self.opt, m["protocol"], float(m["lr"]), radius)
+        d_e = self.D - 1
+        S = knn_graph_entropy(self._stoch_buf[:, k], self.stoch_entropy_ks, intrinsic_dim=d_e)
+        return {f"stoch_entropy_knn_k{kk}": v + d_e * math.log(step) for kk, v in S.items()}
+
+    def _update_regime(self, k: int, row: dict) -> None:
+        """The papers' "converged": 100 % train accuracy with a train loss still falling. A tag only;
+        the member keeps training (its ``status`` stays ``running``)."""
+        last = self._last_train_loss[k]
+        if row["train_acc"] >= 1.0 and last is not None and row["train_loss"] < last:
+            self.regime[k] = "converged"
+        self._last_train_loss[k] = row["train_loss"]
+
+    def _log_step(self, t: int, sink) -> list[dict | None]:
+        self._flush_running()
+        rows: list[dict | None] = [None] * self.K
+        if "running" in self.status:
+            measured = self.measure(t, sink)
+            for k, row in enumerate(measured):
+                if self.status[k] != "running":
+                    continue
+                if not math.isfinite(row["train_loss"]):
+                    self._stop([k])
+                    continue
+                rows[k] = row
+                self._update_regime(k, row)
+        if t >= self.iterations:
+            self.status = ["done" if s == "running" else s for s in self.status]
+        return rows
 
     def run(self, sink=None) -> Iterator[dict]:
         t = self.iteration
-        while self.status[0] == "running":
+        while "running" in self.status:
             if not self.host_done:
                 if sink is not None and self.plan.needs_snapshot(t):
-                    sink.put(t, self.theta.detach().view(1, -1))
+                    sink.put(t, self.rows.detach())
                 if t in self.log_set:
-                    self._flush_running()
-                    row = None
-                    if self.status[0] == "running":
-                        row = self.measure(t, sink)
-                        if not math.isfinite(row["train_loss"]):
-                            self.status = ["diverged"]
-                            row = None
-                    if self.status[0] == "running" and t >= self.iterations:
-                        self.status = ["done"]
+                    rows = self._log_step(t, sink)
                     self.host_done = True
-                    yield self._event(t, row)
+                    yield self._event(t, rows)
                     continue
                 self.host_done = True
             if t >= self.iterations:
-                self.status = ["done"]
+                self.status = ["done" if s == "running" else s for s in self.status]
                 break
             self._step(t)
             t += 1
             self.iteration, self.host_done = t, False
-            if len(self._running) >= FLUSH_EVERY:
-                self._flush_running()
-                if self.status[0] == "diverged":
-                    yield self._event(t, None)
+            if len(self._running) >= FLUSH_EVERY and self._flush_running():
+                yield self._event(t, [None] * self.K)
 
-    def _event(self, t: int, row: dict | None) -> dict:
-        running, self._pending_running = self._pending_running, []
-        return {"iteration": t, "rows": [row], "running": [running], "status": list(self.status)}
+    def _event(self, t: int, rows: list) -> dict:
+        running, self._pending_running = self._pending_running, [[] for _ in range(self.K)]
+        return {"iteration": t, "rows": rows, "running": running, "status": list(self.status),
+                "regime": list(self.regime)}
 
     # ---- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict:
         self._flush_running()
         return {
             "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
-            "gen": self.gen.get_state(), "metric_gen": self.metric_gen.get_state(),
+            "theta": self.rows.detach().cpu().clone(),
+            "lr": self.lr.detach().cpu().clone() if torch.is_tensor(self.lr) else self.lr,
+            "gens": [g.get_state() for g in self.gens],
+            "metric_gens": [g.get_state() for g in self.metric_gens],
             "iteration": self.iteration, "host_done": self.host_done, "status": list(self.status),
-            "pending_running": list(self._pending_running),
+            "regime": list(self.regime), "last_train_loss": list(self._last_train_loss),
+            "pending_running": [list(p) for p in self._pending_running],
+            "optimizer": {k: v.cpu() for k, v in optimizers.state_dict(self.opt_state).items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -204,10 +367,18 @@ class NetworkRunner:
             own = self.model.state_dict()
             for k, v in state["model"].items():
                 own[k].copy_(v)
-        self.gen.set_state(state["gen"])
-        self.metric_gen.set_state(state["metric_gen"])
+            self.rows.copy_(state["theta"])
+            if torch.is_tensor(self.lr):
+                self.lr.copy_(state["lr"])
+        for g, s in zip(self.gens, state["gens"], strict=True):
+            g.set_state(s)
+        for g, s in zip(self.metric_gens, state["metric_gens"], strict=True):
+            g.set_state(s)
         self.iteration = int(state["iteration"])
         self.host_done = bool(state["host_done"])
         self.status = list(state["status"])
-        self._pending_running = list(state["pending_running"])
+        self.regime = list(state["regime"])
+        self._last_train_loss = list(state["last_train_loss"])
+        self._pending_running = [list(p) for p in state["pending_running"]]
+        optimizers.load_state_dict(self.opt_state, state.get("optimizer", {}))
         self._bad.zero_()

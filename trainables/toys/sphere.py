@@ -1,9 +1,10 @@
 """The 3D sphere toy of THEORY.md §8: projected SGD with batch size 1 on a few great-circle "objects".
 
 Object i has loss l_i(w) = ⟨n_i, w⟩²/|w|²; the training loss is their mean. On the unit sphere the
-gradient is ∇l_i = 2c_i (n_i − c_i w) with c_i = ⟨n_i, w⟩ (already tangent). Each walker of the bundle
-(one per LR) draws its own object index every step from one generator seeded per setting (OP 44,
-UP 43), steps w ← w − η ∇l_i(w) and projects back to |w| = 1. Computed in float64 so that OP losses
+gradient is ∇l_i = 2c_i (n_i − c_i w) with c_i = ⟨n_i, w⟩ (already tangent). One object index is
+drawn per step from a generator seeded per setting (OP 44, UP 43) and shared by every walker of the
+bundle (one per LR): common random numbers, as in the papers' code, so a walker's path does not depend
+on which other LRs share its bundle. Each steps w ← w − η ∇l_i(w) and projects back to |w| = 1. Computed in float64 so that OP losses
 can reach the 1e-16 convergence threshold.
 """
 from __future__ import annotations
@@ -83,9 +84,8 @@ class SphereToyRunner:
         self.status = ["running"] * n
 
     def _steps(self, steps):
-        idx = torch.randint(len(self.normals), (steps, len(self.members)), generator=self.gen,
-                            device=self.device)
-        picked = self.normals[idx]  # (steps, n, 3)
+        idx = torch.randint(len(self.normals), (steps,), generator=self.gen, device=self.device)
+        picked = self.normals[idx][:, None, :]  # (steps, 1, 3): one object per step for every walker
         w, lr = self.w, self.lr
         for nk in picked:
             c = torch.linalg.vecdot(nk, w)[:, None]

@@ -21,6 +21,7 @@ from scipy.special import ive
 
 from trainables.defaults import resolve_device
 from trainables.schedule import SnapshotPlan, log_iterations
+from trainables.stopping import StopRule, check_spec
 
 # -----------------------------------------------------------------------------
 # exact vMF formulas (THEORY.md §8)
@@ -98,9 +99,10 @@ DEFAULTS = {
     "noise": 1.0, "mu_seed": 44, "seed": 42, "iterations": 2_000_000, "running_every": 50,
     "log_schedule": "every:40000",
     "entropy": [{"name": "kl", "window": 1000, "stride": 50, "standardize": True}],
+    "stop_when": None,
 }
 SHARED = ("model", "protocol", "dim", "mu_seed", "seed", "iterations", "running_every", "log_schedule",
-          "entropy")
+          "entropy", "stop_when")
 CHUNK = 2000  # steps of noise drawn at once
 
 
@@ -154,7 +156,17 @@ class VMFRunner:
         self.iteration = 0
         self.logged_upto = -1
         self.status = ["running"] * n
+        # members that stop when their answer is known (trainables.stopping); a stopped member leaves
+        # the vectorised batch: only running members draw noise and step
+        self.stop = StopRule(m0["stop_when"], n) if check_spec(m0["stop_when"]) else None
         self._reset_running()
+
+    def _active(self):
+        """Indices of the members that still step (all but the stopped ones), or None when all do (the
+        plain full-batch path; a diverged member keeps stepping with lr 0, as before stopping existed)."""
+        idx = [i for i, s in enumerate(self.status) if s != "stopped"]
+        return None if len(idx) == len(self.status) else torch.tensor(idx, dtype=torch.long,
+                                                                         device=self.device)
 
     # -- running values ------------------------------------------------------
     def _reset_running(self):
@@ -178,28 +190,34 @@ class VMFRunner:
             self.theta[bad] = self.start[bad]
 
     # -- the hot loop --------------------------------------------------------
-    def _steps(self, v):
-        """Apply len(v) protocol steps; v[k] = μ + σ ξ_k, shape (n, D). Returns the last r̃ (sphere).
+    def _steps(self, v, act=None):
+        """Apply len(v) protocol steps to the members ``act`` (None: all); v[k] = μ + σ ξ_k, shape
+        (n_act, D). Returns the last r̃ of those members (sphere), else None.
 
         On the CPU the loop runs on numpy views of the same memory: a step is a dozen operations on
         (n, D) arrays, where numpy's per-call cost is about a quarter of torch's (4× faster overall);
         on a GPU it stays in torch."""
+        pick = (lambda x: x) if act is None else (lambda x: x[act])  # noqa: E731
+        theta, lr, wd, r0 = pick(self.theta), pick(self.lr), pick(self.wd), pick(self.r0)
         if self.theta.device.type == "cpu":
             with np.errstate(over="ignore", invalid="ignore"):   # a diverging walker is caught later
-                theta, r_pre = _walk(self.protocol, self.theta.numpy(), v.numpy(), self.lr.numpy(),
-                                     self.wd.numpy(), self.r0.numpy(), _np_dot, np.sqrt)
-            self.theta = torch.from_numpy(theta)
-            return None if r_pre is None else torch.from_numpy(r_pre)
-        self.theta, r_pre = _walk(self.protocol, self.theta, v, self.lr, self.wd, self.r0, _torch_dot,
-                                  torch.sqrt)
+                out, r_pre = _walk(self.protocol, theta.numpy(), v.numpy(), lr.numpy(), wd.numpy(),
+                                   r0.numpy(), _np_dot, np.sqrt)
+            out, r_pre = torch.from_numpy(out), None if r_pre is None else torch.from_numpy(r_pre)
+        else:
+            out, r_pre = _walk(self.protocol, theta, v, lr, wd, r0, _torch_dot, torch.sqrt)
+        if act is None:
+            self.theta = out
+        else:
+            self.theta[act] = out
         return r_pre
 
-    def _noise(self, steps):
+    def _noise(self, steps, act=None):
         # ξ is drawn in float32 (4× faster than float64 on a CPU; ample for Gaussian noise), v = μ + σ ξ
-        # and the walkers are float64
-        xi = torch.randn(steps, len(self.members), self.D, generator=self.gen, device=self.device,
-                         dtype=torch.float32)
-        return torch.addcmul(self.mu, xi.to(torch.float64), self.sigma)
+        # and the walkers are float64; only the members ``act`` (None: all) draw
+        n = len(self.members) if act is None else len(act)
+        xi = torch.randn(steps, n, self.D, generator=self.gen, device=self.device, dtype=torch.float32)
+        return torch.addcmul(self.mu, xi.to(torch.float64), self.sigma if act is None else self.sigma[act])
 
     def run(self, sink=None):
         """Train to the end, yielding one event per log step (DESIGN.md "Runners")."""
@@ -213,16 +231,22 @@ class VMFRunner:
         # log step therefore draws the same numbers as the uninterrupted run
         log_set = set(self.log_iters)
         v, k = None, 0
+        act = self._active()
         for t in stops:
+            if act is not None and len(act) == 0:
+                break                          # every member stopped, diverged or finished
             steps = t - self.iteration
             while steps > 0:
                 if v is None or k == len(v):
                     nxt = min([s for s in self.log_iters if s > self.iteration] + [self.iterations])
-                    v, k = self._noise(min(CHUNK, nxt - self.iteration)), 0
+                    v, k = self._noise(min(CHUNK, nxt - self.iteration), act), 0
                 take = min(steps, len(v) - k)
-                r_pre = self._steps(v[k:k + take])
+                r_pre = self._steps(v[k:k + take], act)
                 if r_pre is not None:
-                    self.r_pre = r_pre
+                    if act is None:
+                        self.r_pre = r_pre
+                    else:
+                        self.r_pre[act] = r_pre
                 k += take
                 steps -= take
                 self.iteration += take
@@ -237,6 +261,7 @@ class VMFRunner:
             if t in log_set and t > self.logged_upto:
                 yield self._event(t, sink)
                 v, k = None, 0  # a new segment starts after every log step
+                act = self._active()  # members may have stopped or diverged at this step
         for i, s in enumerate(self.status):
             if s == "running":
                 self.status[i] = "done"
@@ -259,6 +284,12 @@ class VMFRunner:
                 row["radius_preproj"] = mean[i][2]
             if ent is not None:
                 row.update(ent[i])
+            if self.stop is not None:
+                self.stop.observe(i, row)
+                why = self.stop.verdict(i, t) if t < self.iterations else None
+                if why is not None:
+                    row.update(why)             # the statistics that justified the stop
+                    self.status[i] = "stopped"
             rows.append(row)
         self._reset_running_sums()
         self.logged_upto = t
@@ -274,7 +305,8 @@ class VMFRunner:
     def state_dict(self):
         return {"iteration": self.iteration, "logged_upto": self.logged_upto, "status": list(self.status),
                 "theta": self.theta.cpu(), "lr": self.lr.cpu(), "gen": self.gen.get_state(),
-                "acc": self.acc.cpu(), "acc_count": self.acc_count, "r_pre": self.r_pre.cpu()}
+                "acc": self.acc.cpu(), "acc_count": self.acc_count, "r_pre": self.r_pre.cpu(),
+                "stop": self.stop.state_dict() if self.stop is not None else None}
 
     def load_state_dict(self, d):
         if d["theta"].shape != self.theta.shape:
@@ -288,6 +320,8 @@ class VMFRunner:
         self.acc = d["acc"].to(self.device)
         self.acc_count = int(d["acc_count"])
         self.r_pre = d["r_pre"].to(self.device)
+        if self.stop is not None and d.get("stop") is not None:
+            self.stop.load_state_dict(d["stop"])
 
 
 def _np_dot(a, b):
