@@ -55,7 +55,10 @@ def train_bundle(config: dict) -> None:
     runner = make_runner(members, device)
     specs = runner.members[0].get("entropy") or []
     key = f"{config.get('sweep_id', 'sweep')}/{trial['trial_id']}"
-    sink = ReservoirSink(key, specs, len(members), runner.D, device, asynchronous=True) if specs else None
+    # entropy is evaluated while the trial trains on, unless the runner itself reads it at the log
+    # step (stop_when's rule watches the entropy's standard error): then the trial waits for it
+    asynchronous = not any(m.get("stop_when") for m in runner.members)
+    sink = ReservoirSink(key, specs, len(members), runner.D, device, asynchronous=asynchronous) if specs else None
     every = int(config.get("checkpoint_every", 0))
     keeper = AnchorKeeper(AnchorPlan(runner.members[0], every)) if specs else None
 
