@@ -1,21 +1,27 @@
-"""The entropy reservoir: a Ray actor per node that owns the trials' snapshot windows.
+"""The entropy reservoir: a Ray actor per node that computes the entropy of the trials' windows.
 
-A trial never keeps a window of weights. Its ``ReservoirSink`` gathers snapshots into chunks (on the
-trial's device, no host synchronisation), moves a full chunk to the host once and ``ray.put``s it into
-the node's object store, then hands the ``ObjectRef`` to the reservoir of the *same node*. The reservoir
-remembers, per trial and estimator, which chunk holds which iteration, drops a chunk as soon as none of
-its snapshots can still fall in a window, and at a log step reads the window back from the local object
-store and computes the entropy with ``trainables.sinks.window_entropy`` — the same function the
-single-process ``LocalSink`` uses, so both give identical values for the same window.
+A trial never keeps a window of weights in its own memory. Its ``ReservoirSink`` gathers snapshots
+into chunks (on the trial's device, no host synchronisation), moves a full chunk to the host once and
+``ray.put``s it into the node's object store; the trial's process owns these objects. The sink's
+:class:`WindowIndex` remembers which chunk holds which iteration and drops a chunk as soon as none of
+its snapshots can still fall in a window. At a log step the sink sends the reservoir of the *same
+node* the window's chunk references (a few per window, nothing copied); the reservoir reads the chunks
+from the local object store without copying them (:class:`ChunkedWindow`) and computes the entropy
+with ``trainables.sinks.window_entropy`` — the same function the single-process ``LocalSink`` uses, so
+both give identical values for the same window.
 
 Memory bound per trial (object store): for each estimator, at most ``(window + chunk − 1)`` snapshots of
-``n_members × D × 4`` bytes (float32), e.g. (1000 + 32) × 1 × 24,408 × 4 ≈ 0.10 GB for ConvNet-8 with the k-NN window and
-≈ 6.4 GB for ConvNet-64.
+``n_members × D × 4`` bytes (float32), e.g. (1000 + 32) × 1 × 24,408 × 4 ≈ 0.10 GB for ConvNet-8 with
+the k-NN window and ≈ 6.4 GB for ConvNet-64; an evaluation adds one column block (≤ 2^25 float64 values)
+and the N × N distance matrix, not a copy of the window (benchmarks/bench_reservoir.py).
 
-Failure semantics: the actor restarts on failure (``max_restarts=-1``) but its state is gone, and so are
-the objects of a trial process that died. A window with any snapshot missing is never evaluated: that
-member's row gets ``entropy_missing = 1`` and the window refills from the next snapshots on. Every
-call from the trial is guarded, so a reservoir problem never fails a trial.
+Failure semantics: the reservoir holds no state a trial needs: if it dies, Ray restarts it and runs
+the pending evaluation again (``max_task_retries=-1``). The windows die with the trial's process; a
+restored trial rebuilds them by replay (engine.replay). Every call from the trial is guarded, so a
+reservoir problem never fails a trial: that log step's rows get ``entropy_missing = 1`` instead.
+
+Asynchronous mode (the engine's): ``evaluate`` only submits the evaluation and returns empty rows; the
+trial keeps training and picks the results up, in log-step order, with :meth:`ReservoirSink.collect`.
 """
 from __future__ import annotations
 
@@ -36,101 +42,139 @@ CHUNK_SNAPSHOTS = 32
 CHUNK_BYTES = 256 * 2 ** 20
 
 
-class Reservoir:
-    """Per-node window keeper (wrapped as a Ray actor by :func:`get_reservoir`)."""
+class WindowIndex:
+    """Which chunk holds which snapshot, per estimator spec, with the release rule: a chunk is dropped
+    as soon as none of its snapshots is among the ``window`` most recent stride-aligned ones of any
+    spec (the trial's sink keeps one; a dropped chunk's object is freed once no evaluation uses it)."""
 
-    def __init__(self):
-        # trial_key -> {"specs": [...], "index": [dict it -> (chunk_id, row)], "chunks": {id: (ref, its)}}
-        self.trials: dict[str, dict] = {}
-        self.evaluations = 0
-        # Ray gives a 0-CPU actor one thread; the trial that asked waits idle while its entropy is
-        # computed, so use the node's cores like the single-process run does (at most 4)
-        import os
-        torch.set_num_threads(max(1, min(os.cpu_count() or 1, 4)))
-        # several trials share a node's reservoir and the actor serves them on a few threads: the
-        # bookkeeping is done under this lock, the entropy computation outside it
-        self.lock = threading.Lock()
+    def __init__(self, specs: list[dict]):
+        self.specs = [dict(s) for s in specs]
+        self.index: list[dict[int, tuple[int, int]]] = [dict() for _ in self.specs]  # it -> (chunk, row)
+        self.chunks: dict[int, tuple] = {}      # chunk id -> (ref, iterations)
+        self.next_id = 0
 
-    def register(self, trial_key: str, specs: list[dict]) -> None:
-        with self.lock:
-            self.trials[trial_key] = {"specs": [dict(s) for s in specs], "index": [dict() for _ in specs],
-                                      "chunks": {}, "next_id": 0}
-
-    def add(self, trial_key: str, iterations: list[int], refs: list) -> None:
-        """Take a chunk of snapshots (shape (k, n_members, D)) holding ``iterations``."""
-        with self.lock:
-            self._add(trial_key, iterations, refs)
-
-    def _add(self, trial_key: str, iterations: list[int], refs: list) -> None:
-        st = self.trials.get(trial_key)
-        if st is None:              # reservoir restarted: its windows are gone, start afresh
-            return
-        cid = st["next_id"]
-        st["next_id"] += 1
-        st["chunks"][cid] = (refs[0], list(iterations))
-        for k, spec in enumerate(st["specs"]):
+    def add(self, iterations: list[int], ref) -> None:
+        cid, self.next_id = self.next_id, self.next_id + 1
+        self.chunks[cid] = (ref, list(iterations))
+        for spec, idx in zip(self.specs, self.index):
             stride, n = int(spec.get("stride", 1)), int(spec["window"])
-            idx = st["index"][k]
             for row, it in enumerate(iterations):
                 if it % stride == 0:
                     idx[it] = (cid, row)
-            # keep only the n most recent stride-aligned snapshots: older ones are in no future window
-            if len(idx) > n:
+            if len(idx) > n:    # older snapshots are in no future window
                 for old in sorted(idx)[:-n]:
                     del idx[old]
-        self._release(st)
+        alive = {c for idx in self.index for c, _ in idx.values()}
+        for c in [c for c in self.chunks if c not in alive]:
+            del self.chunks[c]
 
-    def _release(self, st: dict) -> None:
-        alive = {cid for idx in st["index"] for cid, _ in idx.values()}
-        for cid in [c for c in st["chunks"] if c not in alive]:
-            del st["chunks"][cid]
+    def window(self, k: int, t: int) -> list | None:
+        """[(ref, row)] of spec k's window at log step t, oldest first; None if a snapshot is missing."""
+        spec = self.specs[k]
+        where = [self.index[k].get(i) for i in window_iterations(t, int(spec["window"]),
+                                                                 int(spec.get("stride", 1)))]
+        if any(w is None for w in where):
+            return None
+        return [(self.chunks[cid][0], row) for cid, row in where]
 
-    def evaluate(self, trial_key: str, t: int, n_members: int,
-                 spec_ids: list[int] | None = None) -> list[dict] | None:
-        """Entropy rows at log step t, or None if this reservoir does not know the trial (restarted)."""
-        with self.lock:
-            st = self.trials.get(trial_key)
-            if st is None:
-                return None
-            jobs = []      # (spec, [(chunk_id, row) or None per window iteration], {chunk_id: ref})
-            for k, spec in enumerate(st["specs"]):
-                if spec_ids is not None and k not in spec_ids:
-                    continue
-                n, stride = int(spec["window"]), int(spec.get("stride", 1))
-                if not window_complete(t, n, stride):
-                    continue
-                where = [st["index"][k].get(i) for i in window_iterations(t, n, stride)]
-                refs = {w[0]: st["chunks"][w[0]][0] for w in where if w is not None}
-                jobs.append((spec, where, refs))
+    def live(self) -> list[tuple]:
+        """(iterations, ref) of the chunks kept, oldest first."""
+        return [(its, ref) for _, (ref, its) in sorted(self.chunks.items())]
+
+    def snapshot_counts(self) -> list[int]:
+        return [len(i) for i in self.index]
+
+
+class ChunkedWindow:
+    """One member's window (N, D), oldest snapshot first, read straight from the chunks that hold it.
+
+    The estimators of trainables.entropy read a window only in column blocks (``window[:, a:b]``,
+    ``window[:, j]``); each such slice gathers just those columns from the chunks (N × (b − a) floats),
+    so an evaluation needs no copy of the whole window: its extra memory is one column block plus the
+    N × N distance matrix, whatever D is."""
+
+    column_sliced = True
+    dtype = torch.float32
+
+    def __init__(self, parts: list, member: int, device=None):
+        self.parts, self.member = parts, member
+        self.device = torch.device(device or "cpu")
+        self.shape = torch.Size((sum(len(rows) for _, rows in parts), parts[0][0].shape[-1]))
+
+    def dim(self) -> int:
+        return 2
+
+    def is_floating_point(self) -> bool:
+        return True
+
+    def __getitem__(self, key) -> torch.Tensor:
+        rows, cols = key
+        if rows != slice(None):
+            raise IndexError("a ChunkedWindow is read in column slices only: window[:, a:b] or window[:, j]")
+        block = torch.from_numpy(np.concatenate([a[r, self.member, cols] for a, r in self.parts], axis=0))
+        return block.to(self.device, non_blocking=True)
+
+
+class Reservoir:
+    """Per-node entropy evaluator (wrapped as a Ray actor by :func:`get_reservoir`); stateless apart
+    from counters."""
+
+    def __init__(self):
+        import os
+        self.served: dict[str, int] = {}        # evaluations per trial key
+        self.evaluations = 0
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # Ray gives a 0-CPU actor one thread; use the node's cores like the single-process run (≤ 4)
+        torch.set_num_threads(max(1, min(os.cpu_count() or 1, 4)))
+        self.lock = threading.Lock()
+
+    def evaluate(self, trial_key: str, t: int, n_members: int, jobs: list) -> list[dict]:
+        """Entropy rows at log step t. ``jobs``: [(spec, window)] with window = [(chunk ref, row)]
+        oldest first, or None when a snapshot is missing (that step's rows get entropy_missing)."""
         rows: list[dict] = [{} for _ in range(n_members)]
-        cache: dict[int, np.ndarray] = {}
-        for spec, where, refs in jobs:
-            if any(w is None for w in where):
+        for spec, where in jobs:
+            parts = self._read(trial_key, t, where)
+            if parts is None:
                 for r in rows:
                     r["entropy_missing"] = 1.0
                 continue
-            try:
-                for cid, _ in where:
-                    if cid not in cache:
-                        cache[cid] = ray.get(refs[cid])
-            except Exception as e:  # objects lost with a dead trial process
-                log.warning("reservoir: window of %s at %d lost (%s)", trial_key, t, e)
-                for r in rows:
-                    r["entropy_missing"] = 1.0
-                continue
-            window = torch.from_numpy(np.stack([cache[cid][row] for cid, row in where], axis=1))
             for m in range(n_members):
-                add_window_entropy(rows[m], window_entropy(window[m], spec))
-        self.evaluations += 1
+                add_window_entropy(rows[m], window_entropy(ChunkedWindow(parts, m, self.device), spec))
+        with self.lock:
+            self.evaluations += 1
+            self.served[trial_key] = self.served.get(trial_key, 0) + 1
         return rows
+
+    @staticmethod
+    def _read(trial_key: str, t: int, where: list | None) -> list | None:
+        """The window's parts [(chunk array (k, n_members, D), [rows])] in window order, read from the
+        object store without copying (zero-copy views), or None if a snapshot is missing."""
+        if where is None:
+            return None
+        arrays: dict = {}
+        try:
+            for ref, _ in where:
+                if ref not in arrays:
+                    arrays[ref] = ray.get(ref)
+        except Exception as e:  # objects lost with a dead trial process
+            log.warning("reservoir: window of %s at %d lost (%s)", trial_key, t, e)
+            return None
+        parts: list = []
+        for ref, row in where:
+            if parts and parts[-1][0] is arrays[ref]:
+                parts[-1][1].append(row)
+            else:
+                parts.append((arrays[ref], [row]))
+        return parts
 
     def forget(self, trial_key: str) -> None:
         with self.lock:
-            self.trials.pop(trial_key, None)
+            self.served.pop(trial_key, None)
 
     def stats(self) -> dict:
-        return {key: {"chunks": len(st["chunks"]), "snapshots": [len(i) for i in st["index"]]}
-                for key, st in self.trials.items()} | {"_evaluations": self.evaluations}
+        with self.lock:
+            return {key: {"evaluations": n} for key, n in self.served.items()} | {
+                "_evaluations": self.evaluations, "_device": str(self.device)}
 
     def pid(self) -> int:
         import os
@@ -141,15 +185,18 @@ def reservoir_name(node_id: str) -> str:
     return NAME_PREFIX + node_id
 
 
-def get_reservoir(node_id: str | None = None):
-    """The reservoir of a node (this worker's node by default), created on first use and pinned there."""
+def get_reservoir(node_id: str | None = None, num_gpus: float = 0.0):
+    """The reservoir of a node (this worker's node by default), created on first use and pinned there.
+
+    With ``num_gpus`` > 0 (the first caller decides) it holds that share of one of the node's GPUs and
+    computes there; with 0, Ray hides the GPUs from it and it computes on the node's CPUs."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     node_id = node_id or ray.get_runtime_context().get_node_id()
     actor_cls = ray.remote(Reservoir)
     return actor_cls.options(
         name=reservoir_name(node_id), namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
-        num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=4,
+        num_cpus=0, num_gpus=num_gpus, max_restarts=-1, max_task_retries=-1, max_concurrency=4,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
     ).remote()
 
@@ -177,20 +224,25 @@ def shutdown_reservoirs(wait_s: float = 30.0) -> int:
 
 
 class ReservoirSink:
-    """The trial's side: chunk snapshots on the device, ship them, ask for entropy at log steps."""
+    """The trial's side: chunk snapshots on the device, ship them, have windows evaluated at log steps.
+
+    While ``replaying`` (a restored trial rebuilding its windows, engine.replay) snapshots are kept but
+    nothing is evaluated. With ``asynchronous=True``, :meth:`evaluate` submits and returns empty rows;
+    :meth:`collect` returns the finished evaluations in log-step order.
+    """
 
     def __init__(self, trial_key: str, specs: list[dict], n_members: int, D: int, device,
-                 reservoir=None, chunk_snapshots: int | None = None):
+                 reservoir=None, chunk_snapshots: int | None = None, asynchronous: bool = False):
         self.trial_key, self.specs, self.n_members, self.D = trial_key, [dict(s) for s in specs], n_members, D
         per_snapshot = max(1, n_members * D * 4)
         self.chunk = max(1, min(chunk_snapshots or CHUNK_SNAPSHOTS, CHUNK_BYTES // per_snapshot))
         self.buffer = torch.empty(self.chunk, n_members, D, device=device, dtype=torch.float32)
         self.buffered: list[int] = []
-        # the reservoir serves calls on several threads, so our adds may land in any order: wait for
-        # all of them (not just the last) before asking for entropy
-        self.pending_adds: list = []
+        self.windows = WindowIndex(self.specs)
+        self.replaying = False
+        self.asynchronous = asynchronous
+        self.outstanding: list[tuple[int, object]] = []     # (log step, result ref), oldest first
         self.reservoir = reservoir if reservoir is not None else get_reservoir()
-        self._guard(lambda: ray.get(self.reservoir.register.remote(trial_key, self.specs)))
 
     def _guard(self, fn, default=None):
         try:
@@ -211,29 +263,49 @@ class ReservoirSink:
         k = len(self.buffered)
         ref = ray.put(self.buffer[:k].cpu().numpy().copy())
         its, self.buffered = self.buffered, []
-        ref_add = self._guard(lambda: self.reservoir.add.remote(self.trial_key, its, [ref]))
-        if ref_add is not None:
-            self.pending_adds.append(ref_add)
+        self.windows.add(its, ref)
+
+    def _missing(self) -> list[dict]:
+        return [{"entropy_missing": 1.0} for _ in range(self.n_members)]
 
     def evaluate(self, t: int, spec_ids: list[int] | None = None) -> list[dict]:
+        if self.replaying:
+            return [{} for _ in range(self.n_members)]
         self.flush()
-        missing = [{"entropy_missing": 1.0} for _ in range(self.n_members)]
-        if self.pending_adds:
-            self._guard(lambda: ray.get(self.pending_adds))
-            self.pending_adds = []
-        rows = self._guard(lambda: ray.get(
-            self.reservoir.evaluate.remote(self.trial_key, t, self.n_members, spec_ids)))
-        if rows is None:
-            # the reservoir restarted (or failed) and lost this trial: register again so that the
-            # windows refill from the next snapshots on; this step's entropy is missing
-            self._guard(lambda: ray.get(self.reservoir.register.remote(self.trial_key, self.specs)))
-            return missing
-        return rows
+        jobs = [(spec, self.windows.window(k, t)) for k, spec in enumerate(self.specs)
+                if (spec_ids is None or k in spec_ids)
+                and window_complete(t, int(spec["window"]), int(spec.get("stride", 1)))]
+        ref = self._guard(lambda: self.reservoir.evaluate.remote(self.trial_key, t, self.n_members, jobs))
+        if not self.asynchronous:
+            return self._result(ref)
+        self.outstanding.append((t, ref))
+        return [{} for _ in range(self.n_members)]
+
+    def _result(self, ref) -> list[dict]:
+        rows = None if ref is None else self._guard(lambda: ray.get(ref))
+        return rows if rows is not None else self._missing()
+
+    def pending(self) -> list[int]:
+        """Log steps whose evaluation has not been collected yet."""
+        return [t for t, _ in self.outstanding]
+
+    def collect(self, wait: bool = False) -> list[tuple[int, list[dict]]]:
+        """[(log step, rows)] of the evaluations finished so far (all of them if ``wait``), in order."""
+        out = []
+        while self.outstanding:
+            t, ref = self.outstanding[0]
+            if not wait and ref is not None and not ray.wait([ref], timeout=0)[0]:
+                break
+            self.outstanding.pop(0)
+            out.append((t, self._result(ref)))
+        return out
 
     def close(self) -> None:
+        self.collect(wait=True)
         self._guard(lambda: ray.get(self.reservoir.forget.remote(self.trial_key)))
 
-    # the window lives in the reservoir, not in the trial's checkpoint
+    # the window lives in the object store (owned by this process), not in the trial's checkpoint: a
+    # restored trial rebuilds it by replay (engine.replay)
     def state_dict(self) -> dict:
         return {}
 

@@ -1,8 +1,10 @@
 """The Ray Tune function trainable: one trial = one runner over a bundle of members.
 
 It builds the runner on the device Ray gave it (CUDA when a GPU was assigned and exists, else CPU),
-restores the runner from Tune's checkpoint after a failure, streams snapshots to the node's reservoir
-and reports the log steps to Tune in batches (at most every ``REPORT_EVERY_S`` seconds, and always
+restores the runner from Tune's checkpoint after a failure (rebuilding its entropy windows by replay
+from the checkpoint's anchor, engine.replay), streams snapshots to the node's reservoir, which
+evaluates the windows while the trial trains on (``Reports``), and reports the log steps to Tune in
+order, in batches (at most every ``REPORT_EVERY_S`` seconds, and always
 with a checkpoint and at the end). A result carries, for each log step since the previous result,
 every member's row and running rows; the driver-side MLflow callback (engine.tracking) is the only
 thing that writes them anywhere. A checkpoint is only taken together with a report, so a resumed
@@ -11,6 +13,7 @@ trial never repeats a log step that was not reported, and never skips one.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -20,10 +23,13 @@ import torch
 from ray import tune
 
 from engine.config import checkpoint_due
+from engine.replay import AnchorKeeper, AnchorPlan, read_anchor, rebuild_windows
 from engine.reservoir import ReservoirSink
+from trainables.metrics import variance_terms
 from trainables.runner import make_runner
 
 CHECKPOINT_FILE = "runner.pt"
+HOLD_S = 300.0          # tests only: how long a trial held by the "hold" fault waits to be killed
 REPORT_EVERY_S = 5.0    # log steps are reported to Tune (and so to MLflow) at most this often, batched
                         # (0.1 s per member for bundles of more than 50 members)
 
@@ -47,49 +53,152 @@ def train_bundle(config: dict) -> None:
     for m in members:
         m["device"] = str(device)
     runner = make_runner(members, device)
+    specs = runner.members[0].get("entropy") or []
+    key = f"{config.get('sweep_id', 'sweep')}/{trial['trial_id']}"
+    # entropy is evaluated while the trial trains on, unless the runner itself reads it at the log
+    # step (stop_when's rule watches the entropy's standard error): then the trial waits for it
+    asynchronous = not any(m.get("stop_when") for m in runner.members)
+    sink = ReservoirSink(key, specs, len(members), runner.D, device, asynchronous=asynchronous) if specs else None
+    every = int(config.get("checkpoint_every", 0))
+    keeper = AnchorKeeper(AnchorPlan(runner.members[0], every)) if specs else None
 
     restored = tune.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as d:
             state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+            anchor = read_anchor(d) if sink is not None else None
+        if anchor is not None:      # the windows died with the old process: rebuild them by replay
+            rebuild_windows(runner, sink, keeper, anchor, until=int(state["iteration"]))
         runner.load_state_dict(state)
 
-    specs = runner.members[0].get("entropy") or []
-    key = f"{config.get('sweep_id', 'sweep')}/{trial['trial_id']}"
-    sink = ReservoirSink(key, specs, len(members), runner.D, device) if specs else None
-    kill_at = config.get("_fault_kill_at")          # tests only: a real SIGKILL of this worker
-    every = int(config.get("checkpoint_every", 0))
+    faults = _faults(config.get("_fault_kill_at"))  # tests only: real SIGKILLs of this worker / the reservoir
     # every result costs the driver one MLflow transaction per member: big bundles report less often
     report_every = float(config.get("report_every_s", max(REPORT_EVERY_S, 0.1 * len(members))))
-    last_ckpt, last_report, pending = runner.iteration, time.monotonic(), []
+    out = Reports(member_ids, runner.D, sink)
+    last_ckpt, last_report = runner.iteration, time.monotonic()
 
     for event in runner.run(sink):
         t = event["iteration"]
-        pending.append({"iteration": t, "rows": event["rows"], "running": event["running"]})
+        if keeper is not None:
+            keeper.observe(runner, t)
+        out.add(event, awaits_entropy=sink is not None and t in sink.pending())
         finished = all(s != "running" for s in runner.status)
-        checkpoint = finished or checkpoint_due(every, last_ckpt, t)
-        if not checkpoint and time.monotonic() - last_report < report_every:
-            continue            # log steps come fast in short runs: hand them over in batches
-        metrics = {
-            "iteration": t,
-            "member_ids": member_ids,
-            "events": pending,
-            "status": list(runner.status),
-            "D": runner.D,
-            "members_running": sum(s == "running" for s in runner.status),
-        }
-        first = next((r for r in event["rows"] if r), None)
-        if first is not None and "train_loss" in first:
-            metrics["train_loss"] = first["train_loss"]
-        if checkpoint:
-            with tempfile.TemporaryDirectory() as d:
-                torch.save(runner.state_dict(), os.path.join(d, CHECKPOINT_FILE))
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+        reported = []
+        if finished or checkpoint_due(every, last_ckpt, t):
+            if out.held is not None:            # the previous checkpoint still waits for entropy
+                reported.append(out.report(wait=True))
+            out.hold_checkpoint(runner, keeper, t)
             last_ckpt = t
-        else:
-            tune.report(metrics)
-        pending, last_report = [], time.monotonic()
-        if kill_at is not None and restored is None and t >= kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+        elif out.held is None and time.monotonic() - last_report < report_every:
+            continue            # log steps come fast in short runs: hand them over in batches
+        reported.append(out.report(wait=finished))
+        for r in filter(None, reported):
+            last_report = time.monotonic()
+            if restored is None:
+                _inject(faults, r[0], sink, r[1])
     if sink is not None:
         sink.close()
+
+
+class Reports:
+    """The log steps not yet reported to Tune, and the checkpoint that goes with them.
+
+    Entropy is evaluated asynchronously: an event whose entropy is still being computed is held back
+    (training goes on) and reported, in order, with a later report once its rows are complete. A
+    checkpoint taken at log step c is written at once but handed to Tune only with the report that
+    ends at c, so a resumed trial never repeats a reported log step and never skips one."""
+
+    def __init__(self, member_ids: list[str], D: int, sink):
+        self.member_ids, self.D, self.sink = member_ids, D, sink
+        self.events: list[dict] = []
+        self.awaiting: set[int] = set()
+        self.held: tuple[int, str] | None = None        # (log step, checkpoint directory)
+
+    def add(self, event: dict, awaits_entropy: bool) -> None:
+        self.events.append(event)
+        if awaits_entropy:
+            self.awaiting.add(event["iteration"])
+
+    def hold_checkpoint(self, runner, keeper, t: int) -> None:
+        d = tempfile.mkdtemp(prefix="ckpt-")
+        torch.save(runner.state_dict(), os.path.join(d, CHECKPOINT_FILE))
+        if keeper is not None:
+            keeper.write(d, t)
+        self.held = (t, d)
+
+    def _attach(self, wait: bool) -> None:
+        if self.sink is None:
+            return
+        rows_at = dict(self.sink.collect(wait=wait))
+        for ev in self.events:
+            if ev["iteration"] in rows_at:
+                for row, ent in zip(ev["rows"], rows_at[ev["iteration"]]):
+                    if row is not None:
+                        attach_entropy(row, ent, self.D)
+                self.awaiting.discard(ev["iteration"])
+
+    def report(self, wait: bool = False) -> tuple[int, bool] | None:
+        """Report the complete events (up to the held checkpoint's step, with it); returns (last
+        reported log step, whether a checkpoint went with it) or None when nothing was ready."""
+        self._attach(wait)
+        n = 0
+        while n < len(self.events) and self.events[n]["iteration"] not in self.awaiting:
+            n += 1
+        if self.held is not None:
+            upto = sum(1 for ev in self.events if ev["iteration"] <= self.held[0])
+            if n >= upto:
+                n = upto
+        if n == 0:
+            return None
+        batch, self.events = self.events[:n], self.events[n:]
+        last = batch[-1]
+        metrics = {"iteration": last["iteration"], "member_ids": self.member_ids,
+                   "events": [{k: ev[k] for k in ("iteration", "rows", "running")} for ev in batch],
+                   "status": list(last["status"]), "D": self.D,
+                   "members_running": sum(s == "running" for s in last["status"])}
+        first = next((r for r in last["rows"] if r), None)
+        if first is not None and "train_loss" in first:
+            metrics["train_loss"] = first["train_loss"]
+        if self.held is not None and self.held[0] == last["iteration"]:
+            d = self.held[1]
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+            shutil.rmtree(d, ignore_errors=True)
+            self.held = None
+            return last["iteration"], True
+        tune.report(metrics)
+        return last["iteration"], False
+
+
+def attach_entropy(row: dict, entropy: dict, D: int) -> None:
+    """Put a log step's late entropy into its row. σ² and the other variance terms use the window's
+    mean radius when there is one (THEORY.md §3), so rows that carry them are recomputed."""
+    row.update(entropy)
+    if "sigma2" in row and "window_radius" in entropy:
+        row.update(variance_terms(row, entropy["window_radius"], D))
+
+
+def _faults(spec) -> dict:
+    """``_fault_kill_at``: an iteration (kill this worker there) or {"worker": it, "reservoir": it}."""
+    if spec is None:
+        return {}
+    return dict(spec) if isinstance(spec, dict) else {"worker": int(spec)}
+
+
+def _inject(faults: dict, t: int, sink, checkpoint: bool) -> None:
+    """Tests only, first attempt only, at the first report at or after the given iteration: SIGKILL
+    the node's reservoir process (once) or this worker; or ("hold": {"at": it, "marker": path}), at
+    the first checkpoint there, write ``marker`` and stop there (so that a test can kill the driver
+    while this trial is mid-run; the hold ends after HOLD_S if nobody does)."""
+    if sink is not None and "reservoir" in faults and t >= faults["reservoir"]:
+        del faults["reservoir"]
+        os.kill(ray.get(sink.reservoir.pid.remote()), signal.SIGKILL)
+    if "worker" in faults and t >= faults["worker"]:
+        os.kill(os.getpid(), signal.SIGKILL)
+    hold = faults.get("hold")
+    if hold and checkpoint and t >= hold["at"]:
+        del faults["hold"]
+        with open(hold["marker"], "w") as f:
+            f.write(str(t))
+        end = time.monotonic() + HOLD_S
+        while time.monotonic() < end:
+            time.sleep(0.5)     # waiting to be killed with the driver, not synchronising anything

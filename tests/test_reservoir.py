@@ -108,27 +108,26 @@ def test_reservoir_equals_local_sink_including_missing_windows(reservoir):
     remote.close()
 
 
-def test_reservoir_keeps_a_bounded_number_of_snapshots(ray_session):
-    """Plain Reservoir object fed real object-store refs: old chunks are dropped as windows move on."""
+def test_window_index_keeps_a_bounded_number_of_snapshots(ray_session):
+    """The sink's index fed real object-store refs: old chunks are dropped as windows move on."""
     import ray
 
-    from engine.reservoir import Reservoir
+    from engine.reservoir import WindowIndex
 
     window, chunk = 20, 8
-    res = Reservoir()
-    res.register("k", [{"name": "knn", "window": window, "stride": 1, "ks": [1]}])
+    idx = WindowIndex([{"name": "knn", "window": window, "stride": 1, "ks": [1]}])
     data = np.zeros((chunk, 1, 4), dtype=np.float32)
     for start in range(0, 400, chunk):
-        res.add("k", list(range(start, start + chunk)), [ray.put(data)])
-        kept = sum(len(its) for _, its in res.trials["k"]["chunks"].values())
+        idx.add(list(range(start, start + chunk)), ray.put(data))
+        kept = sum(len(its) for its, _ in idx.live())
         assert kept <= window + chunk - 1, f"after iteration {start + chunk - 1}: {kept} snapshots kept"
-    st = res.stats()
-    assert st["k"]["snapshots"] == [window]
-    # the newest window (380..399) must still be fully indexed
-    assert sorted(res.trials["k"]["index"][0]) == list(range(400 - window, 400))
+    assert idx.snapshot_counts() == [window]
+    # the newest window (380..399) must still be fully indexed, older ones not at all
+    assert sorted(idx.index[0]) == list(range(400 - window, 400))
+    assert idx.window(0, 399) is not None and idx.window(0, 398) is None
 
 
-def test_reservoir_actor_releases_chunks(reservoir):
+def test_sink_releases_chunks_and_reservoir_counts_its_work(reservoir):
     import ray
 
     from engine.reservoir import ReservoirSink
@@ -136,53 +135,122 @@ def test_reservoir_actor_releases_chunks(reservoir):
     window, chunk = 20, 8
     specs = [{"name": "knn", "window": window, "stride": 1, "ks": [1]}]
     sink = ReservoirSink("test/bounded", specs, 1, 50, "cpu", reservoir=reservoir, chunk_snapshots=chunk)
-    x = torch.randn(1, 50)
+    g = torch.Generator().manual_seed(0)
     for it in range(500):
-        sink.put(it, x)
-    sink.flush()
-    st = ray.get(reservoir.stats.remote())["test/bounded"]
-    assert st["snapshots"] == [window]
+        sink.put(it, torch.randn(1, 50, generator=g))
+    assert "entropy_knn_k1" in sink.evaluate(499)[0]
+    assert sink.windows.snapshot_counts() == [window]
     # a window of 20 consecutive snapshots touches at most 4 chunks of 8 (without release: 63 chunks)
-    assert st["chunks"] <= (window - 1) // chunk + 2, st
+    assert len(sink.windows.chunks) <= (window - 1) // chunk + 2
+    assert ray.get(reservoir.stats.remote())["test/bounded"] == {"evaluations": 1}
     sink.close()
     assert "test/bounded" not in ray.get(reservoir.stats.remote())
 
 
-def test_killed_reservoir_gives_missing_then_recovers(reservoir):
+def test_asynchronous_sink_gives_the_same_rows_in_order(reservoir):
+    """evaluate() returns at once with empty rows; collect() hands the synchronous sink's rows over in
+    log-step order."""
+    from engine.reservoir import ReservoirSink
+
+    iterations = 120
+    log_iters = log_iterations("every:5", iterations)
+    plan = SnapshotPlan(log_iters, SPECS)
+    theta = _snapshots(iterations, seed=7)
+    sync = ReservoirSink("test/sync", SPECS, N_MEMBERS, D, "cpu", reservoir=reservoir, chunk_snapshots=5)
+    lazy = ReservoirSink("test/async", SPECS, N_MEMBERS, D, "cpu", reservoir=reservoir, chunk_snapshots=5,
+                         asynchronous=True)
+    got_sync, immediate = _stream(plan, log_iters, theta, [sync, lazy])
+    assert all(rows == [{}] * N_MEMBERS for rows in immediate.values())
+    collected = lazy.collect(wait=True)
+    assert [t for t, _ in collected] == sorted(got_sync) and not lazy.pending()
+    for t, rows in collected:
+        assert "entropy_knn_k1" in rows[0] or "entropy_kl_sphere" in rows[0], (t, rows)
+        _assert_same(rows, got_sync[t], t)
+
+
+def test_killed_reservoir_loses_no_entropy(reservoir):
+    """SIGKILL of the reservoir's process mid-stream: the chunks are the trial's, the reservoir holds
+    nothing the trial needs, so every log step's entropy equals the LocalSink's, including the windows
+    that reach back before the kill, computed by the restarted process."""
+    import os
+    import signal
+
     import ray
 
     from engine.reservoir import ReservoirSink
 
-    specs = [SPECS[0]]                              # knn, window 20, stride 1
+    specs = SPECS                                    # knn window 20 and kl window 12 stride 3
     iterations, kill_after = 150, 70
     log_iters = log_iterations("every:10", iterations)
+    plan = SnapshotPlan(log_iters, specs)
     theta = _snapshots(iterations, seed=3)
     local = LocalSink(specs, N_MEMBERS, D)
     remote = ReservoirSink("test/kill", specs, N_MEMBERS, D, "cpu", reservoir=reservoir, chunk_snapshots=4)
     got_local, got_remote = {}, {}
     for t in range(iterations + 1):
-        local.put(t, theta[t])
-        remote.put(t, theta[t])
-        if t in log_iters and t >= 19:
+        if plan.needs_snapshot(t):
+            local.put(t, theta[t])
+            remote.put(t, theta[t])
+        if t in log_iters and plan.evaluates(t):
             got_local[t] = local.evaluate(t)
             got_remote[t] = remote.evaluate(t)          # must never raise
         if t == kill_after:
             old = ray.get(reservoir.pid.remote())
-            ray.kill(reservoir, no_restart=False)
+            os.kill(old, signal.SIGKILL)
             _wait_alive(reservoir, old_pid=old)
+    after_kill = [t for t in got_local if t > kill_after]
+    assert ray.get(reservoir.stats.remote())["test/kill"] == {"evaluations": len(after_kill)}
+    assert min(got_local) < kill_after < max(got_local)
     for t in got_local:
-        if t <= kill_after:
-            _assert_same(got_remote[t], got_local[t], t)
-        elif t < kill_after + 10 + window_len(specs):
-            # the state died with the actor: windows reaching back before the re-registration at the
-            # next log step (80) are incomplete; values must not be invented
-            assert got_remote[t] == [{"entropy_missing": 1.0}] * N_MEMBERS, (t, got_remote[t])
-        else:
-            _assert_same(got_remote[t], got_local[t], t)
-    # the refill point: the window of 100 (81..100) is the first made only of post-restart snapshots
-    assert "entropy_missing" not in got_remote[100][0]
+        assert all("entropy_missing" not in r for r in got_remote[t]), (t, got_remote[t])
+        _assert_same(got_remote[t], got_local[t], t)
     remote.close()
 
 
-def window_len(specs):
-    return int(specs[0]["window"])
+def test_nonfinite_entropy_is_marked_missing():
+    """A window whose estimate is not finite (here: NaN weights) gives entropy_missing and the reason,
+    and no non-finite value."""
+    import math
+
+    local = LocalSink([SPECS[0]], 1, D)
+    theta = _snapshots(25, seed=5)
+    for t in range(22):
+        local.put(t, theta[t, :1])
+    clean = local.evaluate(21)[0]                       # window 2..21: finite, a complete row
+    for t in range(22, 26):
+        local.put(t, theta[t, :1] if t != 22 else torch.full((1, D), float("nan")))
+    row = local.evaluate(25)[0]
+    assert row["entropy_missing"] == 1.0 and row["entropy_nonfinite"] == 1.0, row
+    assert all(math.isfinite(v) for v in row.values()), row
+    assert "entropy_knn_k1" not in row
+    assert "entropy_missing" not in clean and math.isfinite(clean["entropy_knn_k1"])
+
+
+def test_late_entropy_gives_the_rows_of_the_synchronous_run(reservoir):
+    """A network runner with the engine's asynchronous sink: once the entropy is attached to its rows
+    (engine.trainable.attach_entropy, which also redoes σ² with the window radius) every row equals the
+    row of a run whose sink answered at once."""
+    from engine.reservoir import ReservoirSink
+    from engine.trainable import attach_entropy
+    from trainables.runner import make_runner
+
+    member = {"model": "convnet", "width": 1, "dataset": "digits", "protocol": "fixed_lr", "lr": 0.5,
+              "wd": 0.05, "iterations": 60,
+              "batch_size": 32, "num_stoch_grads": 2, "log_schedule": "every:10",
+              "entropy": [{"name": "knn", "window": 25, "stride": 1, "ks": [1, 5]}]}
+
+    def run(asynchronous):
+        runner = make_runner([member], "cpu")
+        sink = ReservoirSink(f"test/late{asynchronous}", runner.members[0]["entropy"], 1, runner.D, "cpu",
+                             reservoir=reservoir, asynchronous=asynchronous)
+        rows = {e["iteration"]: e["rows"][0] for e in runner.run(sink)}
+        for t, ent in sink.collect(wait=True):
+            attach_entropy(rows[t], ent[0], runner.D)
+        return rows
+
+    now, late = run(False), run(True)
+    assert sorted(late) == sorted(now) and "window_radius" in now[60]
+    # σ² really depends on the window radius here (it differs from the value with the log radius)
+    assert abs(now[60]["window_radius"] - now[60]["radius"]) > 1e-6 * now[60]["radius"]
+    for t in now:
+        assert late[t] == now[t], t

@@ -30,7 +30,9 @@ _BLOCK_ELEMENTS = 2 ** 25  # float64 elements per column block (256 MB)
 # helpers
 
 def _check_window(window, name="window", min_rows=2, min_cols=1):
-    if not isinstance(window, torch.Tensor):
+    # besides a tensor, any object read only through .shape, .device, .dim(), .is_floating_point() and
+    # column slices window[:, a:b] / window[:, j] (e.g. engine.reservoir.ChunkedWindow) is accepted
+    if not (isinstance(window, torch.Tensor) or getattr(window, "column_sliced", False)):
         raise ValueError(f"{name} must be a torch.Tensor of shape (N, D); got {type(window).__name__}")
     if window.dim() != 2:
         raise ValueError(f"{name} must be 2-D (N snapshots, D weights); got shape {tuple(window.shape)}. "

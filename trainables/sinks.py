@@ -7,9 +7,12 @@ at t); ``evaluate`` returns one dict of entropy metrics per member. The
 ``ReservoirSink`` ships snapshots to a Ray actor instead. Both use :func:`window_entropy`.
 
 A window whose snapshots are not all present (for example after a restart that lost them) is never
-evaluated: the member's dict then holds ``entropy_missing = 1.0`` instead of entropy values.
+evaluated: the member's dict then holds ``entropy_missing = 1.0`` instead of entropy values. A non-finite
+estimate is missing too, marked ``entropy_nonfinite = 1.0``.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -31,7 +34,15 @@ def window_entropy(window: torch.Tensor, spec: dict) -> dict[str, float]:
     else:
         raise ValueError(f"unknown entropy estimator '{spec['name']}' (use knn or kl)")
     out[f"window_radius_{spec['name']}"] = float(H.window_radius(window))
-    return out
+    return without_nonfinite(out)
+
+
+def without_nonfinite(out: dict[str, float]) -> dict[str, float]:
+    """A non-finite estimate is recorded as missing, with its reason, never passed on or dropped silently."""
+    bad = [k for k, v in out.items() if not math.isfinite(v)]
+    if not bad:
+        return out
+    return {k: v for k, v in out.items() if k not in bad} | {"entropy_missing": 1.0, "entropy_nonfinite": 1.0}
 
 
 SIGMA_RADIUS_ORDER = ("kl", "knn")   # whose window radius σ² uses when both are evaluated at one step
