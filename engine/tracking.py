@@ -93,13 +93,17 @@ def source_tags(info: dict, entry_point: str = "engine.sweep") -> dict:
     return tags
 
 
-def regime_of(status: str, last_row: dict | None) -> str:
-    """converged / stationary / diverged (our heuristic: a member that fits its training set, or that
-    stopped at its loss threshold, converged; one that blew up diverged; the rest are stationary)."""
+def regime_of(status: str, last_row: dict | None, runner_regime: str | None = None) -> str:
+    """converged / stationary / diverged. A network runner reports the papers' own "converged" (100 %
+    train accuracy with a falling train loss, THEORY §5) as ``runner_regime``; runners that do not
+    (the toys) are judged by our heuristic: a member that fits its training set, or that stopped at
+    its loss threshold, converged; one that blew up diverged; the rest are stationary."""
     if status == "diverged":
         return "diverged"
-    if status == "converged":
+    if status == "converged" or runner_regime == "converged":
         return "converged"
+    if runner_regime is not None:
+        return "stationary"
     if last_row and last_row.get("train_acc", 0.0) >= 0.999:
         return "converged"
     return "stationary"
@@ -120,6 +124,7 @@ class MLflowTracker(Callback):
         self.last_step: dict[str, int] = {}
         self.last_row: dict[str, dict] = {}
         self.status: dict[str, str] = {}
+        self.regime: dict[str, str] = {}       # what the runner says (network runners), per member
         self.d_logged: set[str] = set()
         self.spill_dir = spill_dir
         self.artifacts = {"grid.yaml": grid_text, **(artifacts or {})}     # text files of the parent run
@@ -315,6 +320,12 @@ class MLflowTracker(Callback):
                     self.last_row[member_id] = row
             for j in range(0, len(metrics), MAX_BATCH):
                 self._write("log_batch", run_id, metrics=metrics[j:j + MAX_BATCH])
+            regime = (result.get("regime") or [None] * len(ids))[i]
+            if regime == "converged" and self.regime.get(member_id) != regime:
+                # shown while the member trains on (the papers' OP runs keep going after converging)
+                self._write("set_tag", run_id, key="thermosweep.regime", value=regime)
+            if regime is not None:
+                self.regime[member_id] = regime
             status = (result.get("status") or [None] * len(ids))[i]
             if status and status != self.status.get(member_id):
                 self._set_status(member_id, status)
@@ -329,7 +340,8 @@ class MLflowTracker(Callback):
             self._write("update_run", run_id, status="RUNNING")
         if status in FINAL:
             self._write("set_tag", run_id, key="thermosweep.regime",
-                        value="failed" if status == "failed" else regime_of(status, self.last_row.get(member_id)))
+                        value="failed" if status == "failed" else regime_of(status, self.last_row.get(member_id),
+                                                                              self.regime.get(member_id)))
             self._write("set_terminated", run_id, status="FAILED" if status == "failed" else "FINISHED")
 
     def on_trial_complete(self, iteration, trials, trial, **info):

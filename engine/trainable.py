@@ -156,6 +156,8 @@ class Reports:
                    "events": [{k: ev[k] for k in ("iteration", "rows", "running")} for ev in batch],
                    "status": list(last["status"]), "D": self.D,
                    "members_running": sum(s == "running" for s in last["status"])}
+        if last.get("regime"):
+            metrics["regime"] = list(last["regime"])      # the papers' "converged", per member
         first = next((r for r in last["rows"] if r), None)
         if first is not None and "train_loss" in first:
             metrics["train_loss"] = first["train_loss"]
