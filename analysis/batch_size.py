@@ -1,6 +1,6 @@
 """Batch size as a studied axis (issue #12): does the temperature depend on η/B only?
 
-Model (THEORY.md §10 "Batch size"): T ≈ b · η^a · B^c, fitted by ordinary least squares of
+Model (docs/theory.md §10 "Batch size"): T ≈ b · η^a · B^c, fitted by ordinary least squares of
 ln T = ln b + a ln η + c ln B over every (η, B) point with a positive finite T. The coefficient
 covariance is s² (XᵀX)⁻¹ with s² = RSS/(n − 3), and every interval is a Student-t interval with n − 3
 degrees of freedom at ``level`` (default 90 %).

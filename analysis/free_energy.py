@@ -1,4 +1,4 @@
-"""Free energy and temperature from a learning-rate grid (THEORY.md §5).
+"""Free energy and temperature from a learning-rate grid (docs/theory.md §5).
 
 Pure numpy: every function takes arrays of stationary values over a sorted LR grid
 (U = stationary train loss, S = stationary entropy) and returns arrays, floats or a
@@ -51,7 +51,7 @@ def _check_grid(lrs, *named):
 # step 2: smoothing
 
 def smooth_log_triangular(lrs, values, h=0.3):
-    """Triangular-kernel smoothing in natural-log LR (THEORY.md §5 step 2).
+    """Triangular-kernel smoothing in natural-log LR (docs/theory.md §5 step 2).
 
     w_ij = max(0, h − |ln η_i − ln η_j|), each row normalised; the first and last
     point keep their raw values. The diagonal weight is h > 0, so rows never vanish.
@@ -68,7 +68,7 @@ def smooth_log_triangular(lrs, values, h=0.3):
 
 
 def smooth_log_gaussian(iters, values, sigma=0.2):
-    """Gaussian smoothing in natural-log iteration (THEORY.md §5 step 6, CIFAR-100 variant).
+    """Gaussian smoothing in natural-log iteration (docs/theory.md §5 step 6, CIFAR-100 variant).
 
     w_ij = exp(−(ln t_i − ln t_j)² / (2σ²)), rows normalised (boundary points included,
     so they are pulled towards their one-sided neighbours). ``values`` may be 1-D or
@@ -92,7 +92,7 @@ def smooth_log_gaussian(iters, values, sigma=0.2):
 # step 3: temperature intervals
 
 def temperature_intervals(lrs, U, S, eps):
-    """Per-LR temperature interval (THEORY.md §5 step 3).
+    """Per-LR temperature interval (docs/theory.md §5 step 3).
 
     For each i, T must satisfy U_i − T S_i ≤ U_j − T S_j + ε for every j in the segment.
     Conventions (those of the papers' code, plus our flag):
@@ -146,7 +146,7 @@ def temperature_intervals(lrs, U, S, eps):
 
 
 def temperature_estimate(lower, upper):
-    """Point estimate sqrt(lower · upper) (THEORY.md §5 step 3); NaN unless both bounds > 0."""
+    """Point estimate sqrt(lower · upper) (docs/theory.md §5 step 3); NaN unless both bounds > 0."""
     lo = np.asarray(lower, dtype=np.float64)
     up = np.asarray(upper, dtype=np.float64)
     if lo.shape != up.shape:
@@ -156,7 +156,7 @@ def temperature_estimate(lower, upper):
 
 
 def hypothesis_holds(lower, upper, T, empty=None):
-    """The free-energy hypothesis on a segment (THEORY.md §5 step 3).
+    """The free-energy hypothesis on a segment (docs/theory.md §5 step 3).
 
     True iff every interval is non-empty (lower ≤ upper, finite, and not flagged in
     ``empty`` when given) and the estimates T are finite and strictly increasing in η.
@@ -177,7 +177,7 @@ def hypothesis_holds(lower, upper, T, empty=None):
 # step 4: power law
 
 def power_law_fit(x, y):
-    """Least-squares fit of y ≈ b · x^a in natural log–log space (THEORY.md §5 step 4).
+    """Least-squares fit of y ≈ b · x^a in natural log–log space (docs/theory.md §5 step 4).
 
     Points with a non-finite or non-positive x or y are ignored. Returns (a, b).
     """
@@ -200,7 +200,7 @@ def power_law_fit(x, y):
 # step 5: free-energy curves
 
 def free_energy_curves(U, S, T):
-    """F[i, j] = U_j − T_i S_j (THEORY.md §5 step 5): one curve per temperature T_i."""
+    """F[i, j] = U_j − T_i S_j (docs/theory.md §5 step 5): one curve per temperature T_i."""
     U = _as_1d("U", U)
     S = _as_1d("S", S)
     T = _as_1d("T", T)
@@ -223,7 +223,7 @@ def curve_minima(F):
 # step 1: stationary segment
 
 def select_stationary_segment(lrs, U, S, lr_range=None, sat_tol=0.02, rtol=1e-6):
-    """Indices (into the sorted grid) of the stationary segment (THEORY.md §5 step 1).
+    """Indices (into the sorted grid) of the stationary segment (docs/theory.md §5 step 1).
 
     Non-finite U or S are always dropped (diverged or missing runs).
 
@@ -270,7 +270,7 @@ def select_stationary_segment(lrs, U, S, lr_range=None, sat_tol=0.02, rtol=1e-6)
 # step 6: temperature along training
 
 def temperature_along_training(U_series, S_series, delta=2, last=100):
-    """Finite-difference temperature over log steps (THEORY.md §5 step 6).
+    """Finite-difference temperature over log steps (docs/theory.md §5 step 6).
 
     T_t = (U_{t+Δ} − U_{t−Δ}) / (S_{t+Δ} − S_{t−Δ}) over the last ``last`` logs (along the
     last axis). Entry k of the result belongs to log index n − m + Δ + k, where n is the
@@ -315,7 +315,7 @@ class TemperatureFit:
 
 
 def fit_temperature(lrs, U, S, eps, h=0.3, lr_range=None, **segment_kwargs):
-    """Run THEORY.md §5 steps 1–5 on a sorted LR grid and bundle the results.
+    """Run docs/theory.md §5 steps 1–5 on a sorted LR grid and bundle the results.
 
     The power law is fitted over the interior points of the segment (its two ends
     excluded); a and b are NaN when fewer than 2 interior points have a positive finite T.

@@ -1,9 +1,9 @@
-"""Ideal-gas law, potentials and Maxwell relations (THEORY.md §7).
+"""Ideal-gas law, potentials and Maxwell relations (docs/theory.md §7).
 
 Dictionary: pressure p = λ, volume V = r²/2, gas constant R = (D − 1)/2, so pV = R T.
 ``lr`` is η_eff on fixed_sphere / fixed_elr and η on fixed_lr (DESIGN.md), ``sigma2`` is
 σ² = tr Σ / (D − 1), ``trace_sigma`` = tr Σ and ``grad_sq`` = G², both rescaled to the
-unit sphere (THEORY.md §3). All functions broadcast over numpy arrays.
+unit sphere (docs/theory.md §3). All functions broadcast over numpy arrays.
 """
 
 from __future__ import annotations
@@ -33,13 +33,13 @@ def _positive(name, v):
 
 
 def gas_constant(D):
-    """R = (D − 1)/2 (THEORY.md §7)."""
+    """R = (D − 1)/2 (docs/theory.md §7)."""
     _check_D(D)
     return (D - 1) / 2.0
 
 
 def temperature(protocol, lr, wd, sigma2, D):
-    """Temperature (THEORY.md §7).
+    """Temperature (docs/theory.md §7).
 
     fixed_sphere / fixed_elr: T = η_eff σ² / 2; fixed_lr: T = sqrt(η λ σ² / (2 (D − 1))).
     """
@@ -54,7 +54,7 @@ def temperature(protocol, lr, wd, sigma2, D):
 
 
 def radius_sde(protocol, lr, wd, sigma2, D):
-    """Stationary radius from the SDE, "V1" (THEORY.md §7): r*² = T (D − 1)/λ.
+    """Stationary radius from the SDE, "V1" (docs/theory.md §7): r*² = T (D − 1)/λ.
 
     fixed_elr: r* = sqrt(η_eff σ² (D−1)/(2λ)); fixed_lr: r* = (η σ² (D−1)/(2λ))^{1/4}.
     """
@@ -65,7 +65,7 @@ def radius_sde(protocol, lr, wd, sigma2, D):
 
 
 def radius_discrete(protocol, lr, wd, trace_sigma, grad_sq):
-    """Stationary radius with the discrete-step correction (THEORY.md §7).
+    """Stationary radius with the discrete-step correction (docs/theory.md §7).
 
     fixed_elr: r*² = η_eff (tr Σ + G²)/(2λ); fixed_lr: r*⁴ = η (tr Σ + G²)/(2λ).
     """
@@ -76,7 +76,7 @@ def radius_discrete(protocol, lr, wd, trace_sigma, grad_sq):
 
 
 def effective_pressure(r_tilde, r0, lr_eff):
-    """Measured fixed-sphere pressure λ_eff = (r̃ − r0)/(η_eff r0³) (THEORY.md §7).
+    """Measured fixed-sphere pressure λ_eff = (r̃ − r0)/(η_eff r0³) (docs/theory.md §7).
 
     r̃ = mean radius before projection; η_eff = the grid value (step η = η_eff r0²).
     """
@@ -85,19 +85,19 @@ def effective_pressure(r_tilde, r0, lr_eff):
 
 
 def effective_pressure_prediction(T, D, r0):
-    """Predicted fixed-sphere pressure λ_eff = T (D − 1)/r0² (THEORY.md §7)."""
+    """Predicted fixed-sphere pressure λ_eff = T (D − 1)/r0² (docs/theory.md §7)."""
     _check_D(D)
     return np.asarray(T, dtype=np.float64) * (D - 1) / np.asarray(r0, dtype=np.float64) ** 2
 
 
 def effective_pressure_discrete(lr_eff, trace_sigma, grad_sq, r0):
-    """Discrete-step fixed-sphere pressure λ_eff = η_eff (tr Σ + G²)/(2 r0²) (THEORY.md §7)."""
+    """Discrete-step fixed-sphere pressure λ_eff = η_eff (tr Σ + G²)/(2 r0²) (docs/theory.md §7)."""
     r0 = np.asarray(r0, dtype=np.float64)
     return np.asarray(lr_eff) * (np.asarray(trace_sigma) + np.asarray(grad_sq)) / (2.0 * r0**2)
 
 
 def potential_ranks(U, S, V, T, p, groups=None):
-    """Rank of each configuration under its own potential, "V2" (THEORY.md §7).
+    """Rank of each configuration under its own potential, "V2" (docs/theory.md §7).
 
     For configuration k: G_k(j) = U_j − T_k S_j + p_k V_j over candidates j (Gibbs; pass
     V=None or p=None for Helmholtz F = U − T S). ``groups`` (optional labels, e.g. r0)
@@ -133,7 +133,7 @@ def potential_ranks(U, S, V, T, p, groups=None):
 
 @dataclass
 class MaxwellFit:
-    """Quadratic fit of S_full(x, y) and the Maxwell-relation check ("V3", THEORY.md §7)."""
+    """Quadratic fit of S_full(x, y) and the Maxwell-relation check ("V3", docs/theory.md §7)."""
     protocol: str
     coef: np.ndarray         # c0..c5 for 1, x, y, x², y², xy
     r2: float
@@ -157,7 +157,7 @@ def _quadratic_slopes(c, x, y):
 
 
 def protocol_potential_ranks(protocol, U, S, radius, T, wd, r0):
-    """The potential THEORY.md §7 (V2) minimises for a protocol, evaluated by ``potential_ranks``:
+    """The potential docs/theory.md §7 (V2) minimises for a protocol, evaluated by ``potential_ranks``:
     Helmholtz F = U − T S among configurations with the same r0 on the fixed sphere, Gibbs
     G = U − T S + p V with p = λ and V = r²/2 otherwise. Returns (rank, gap, description)."""
     if protocol == "fixed_sphere":
@@ -184,7 +184,7 @@ def protocol_potential_ranks_where(ok, protocol, U, S, radius, T, wd, r0):
 
 
 def maxwell_fit(x, y, S_full, D, protocol):
-    """Fit S = c0 + c1 x + c2 y + c3 x² + c4 y² + c5 xy and check a Maxwell relation (THEORY.md §7).
+    """Fit S = c0 + c1 x + c2 y + c3 x² + c4 y² + c5 xy and check a Maxwell relation (docs/theory.md §7).
 
     x = ln η (or ln η_eff), y = ln λ; R = (D − 1)/2.
     fixed_elr: ∂S/∂y = −R. ratios = (c2/R, 2c4/R, c5/R) (ideal −1, 0, 0);
@@ -223,7 +223,7 @@ def maxwell_fit(x, y, S_full, D, protocol):
 
 
 def adiabatic_spread(lr, wd, S):
-    """Spread of S across λ at each fixed η, "V4" (THEORY.md §7, fixed LR).
+    """Spread of S across λ at each fixed η, "V4" (docs/theory.md §7, fixed LR).
 
     In the isotropic model with fixed LR, S depends on η only, so the spread should vanish.
     Returns (unique_lrs, spread) with spread = max − min of S over the configurations

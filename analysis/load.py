@@ -14,7 +14,7 @@ otherwise from ``MlflowClient.get_metric_history`` per (run, key) on a small thr
 (REST servers). The public ``get_metric_history_bulk_interval`` APIs down-sample, so they
 are not used. A value logged twice at one step (a resumed trial) keeps the later one.
 
-Stationary value (THEORY.md §3): mean over the last W logs of each metric, counted per metric
+Stationary value (docs/theory.md §3): mean over the last W logs of each metric, counted per metric
 (entropy is only logged once its window is complete). W defaults per log schedule
 (``default_window``): 30 for ``ideal_gas``, 50 for ``free_energy`` and the others, and for
 ``log:N`` the same share of its N log-spaced points as 50 is of free_energy's 193 (at least 3).
@@ -92,7 +92,7 @@ def parse_param(key, text):
 
 
 def default_window(log_schedule):
-    """W of THEORY.md §3: 30 for the ideal-gas schedule, 50 for the free-energy one (50 of its 193
+    """W of docs/theory.md §3: 30 for the ideal-gas schedule, 50 for the free-energy one (50 of its 193
     log-spaced points). A shorter ``log:N`` schedule keeps the same fraction of its N log-spaced
     points (at least 3), so its window covers the same share of the run in log-iterations."""
     text = str(log_schedule)
@@ -187,7 +187,7 @@ def _pivot(long):
 # stationary values
 
 def stationary_means(series, windows):
-    """Mean of the last W non-NaN logs of every metric, per member (THEORY.md §3).
+    """Mean of the last W non-NaN logs of every metric, per member (docs/theory.md §3).
 
     ``windows`` maps run_id → W. Returns a frame indexed by run_id with one column per metric
     plus ``window``, ``n_logs`` (rows logged) and ``last_iteration``.

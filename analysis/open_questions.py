@@ -1,4 +1,4 @@
-"""Report sections for the papers' open questions (issue #12; THEORY.md §10): batch size and seeds as
+"""Report sections for the papers' open questions (issue #12; docs/theory.md §10): batch size and seeds as
 replicates. analysis.report imports this module as a plugin; importing it registers both sections,
 each of which skips with a reason when the sweep has fewer than 2 batch sizes or 2 seeds per group."""
 

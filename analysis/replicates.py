@@ -4,7 +4,7 @@ An axis over ``seed`` (the minibatch sequence) or ``init_seed`` (θ_0) makes mem
 every other key replicates of one configuration. ``replicate_axes`` finds those axes; every band here
 groups members over the remaining keys (``analysis.sections.group_members``).
 
-Method (our choice; THEORY.md §10 "Seeds as replicates" says the same):
+Method (our choice; docs/theory.md §10 "Seeds as replicates" says the same):
 - **per-member quantities** (U, S, σ², the ideal-gas predictions T and r*, ...): the n seeds of one
   configuration give x_1 … x_n; the band is x̄ ± t_{n−1, (1+level)/2} · s/√n (s the sample standard
   deviation), a Student-t interval for the mean over seeds;
@@ -189,7 +189,7 @@ def explode_curve(fits: pd.DataFrame, column, x, y) -> pd.DataFrame:
 # the fits the report bands
 
 def temperature_fit(members, entropy_key, opts) -> dict:
-    """THEORY.md §5 on one seed's members: exponent a, prefactor b, hypothesis flag and T per η
+    """docs/theory.md §5 on one seed's members: exponent a, prefactor b, hypothesis flag and T per η
     (the segment's estimates, dict η → T)."""
     from analysis.free_energy import fit_temperature
 
@@ -203,7 +203,7 @@ def temperature_fit(members, entropy_key, opts) -> dict:
 
 
 def maxwell_errors(members, entropy_key="entropy_kl_full") -> dict:
-    """THEORY.md §7 V3 on one seed's (lr, wd) grid: R², the first ratio, max and mean relative error."""
+    """docs/theory.md §7 V3 on one seed's (lr, wd) grid: R², the first ratio, max and mean relative error."""
     from analysis.ideal_gas import maxwell_fit
 
     protocol = members["protocol"].iloc[0]
@@ -215,7 +215,7 @@ def maxwell_errors(members, entropy_key="entropy_kl_full") -> dict:
 
 
 def ideal_gas_predictions(table) -> pd.DataFrame:
-    """``table`` with the per-member ideal-gas columns of THEORY.md §7 added where their inputs are
+    """``table`` with the per-member ideal-gas columns of docs/theory.md §7 added where their inputs are
     present: ``sigma2`` (tr Σ/(D − 1)), ``T_ig``, ``r_sde``, ``r_discrete`` and the radius errors."""
     from analysis import ideal_gas as ig
 

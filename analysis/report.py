@@ -1,4 +1,4 @@
-"""Sweep report: figures and summary tables for one MLflow experiment (THEORY.md §§5–7).
+"""Sweep report: figures and summary tables for one MLflow experiment (docs/theory.md §§5–7).
 
     python -m analysis.report --experiment NAME [--tracking-uri URI] [--out DIR]
         [--parent-run ID] [--window W] [--eps [MATCH:]E] [--lr-range [MATCH] LO HI] [--no-upload]
@@ -132,7 +132,7 @@ def _knn_window(entropy_param):
 
 
 def uniform_entropy(D, n, k):
-    """k-NN entropy of n uniform directions on the unit sphere in R^D (THEORY.md §4, cached)."""
+    """k-NN entropy of n uniform directions on the unit sphere in R^D (docs/theory.md §4, cached)."""
     key = (int(D), int(n), int(k))
     if key not in _UNIFORM_CACHE:
         from trainables.entropy import uniform_sphere_reference
@@ -142,7 +142,7 @@ def uniform_entropy(D, n, k):
 
 
 def uniform_loss(member: dict, n: int, D: int, device="auto"):
-    """Expected train loss of the member's network for θ uniform on the unit sphere (THEORY.md §4
+    """Expected train loss of the member's network for θ uniform on the unit sphere (docs/theory.md §4
     "uniform reference"): n directions, each loaded into the model, train loss over the training
     (sub)set in train-mode BN chunks of 1024, on the device (cuda if available). Cached per setup.
     Raises ValueError when the model cannot be rebuilt (a toy, or D ≠ the member's D)."""
@@ -188,7 +188,7 @@ def _steadily_decreasing(U, frac=0.8):
 
 
 def free_energy_section(sweep, out_dir, opts):
-    """THEORY.md §5: U, S vs LR, temperature intervals, power law, F curves, OP decay."""
+    """docs/theory.md §5: U, S vs LR, temperature intervals, power law, F curves, OP decay."""
     res = SectionResult("free_energy")
     names = sweep.metric_names
     if "train_loss" not in names:
@@ -205,7 +205,7 @@ def free_energy_section(sweep, out_dir, opts):
 
 
 def _uniform_asymptotes(g, label, K, opts, res):
-    """(S, U) of θ uniform on the unit sphere (THEORY.md §4), the asymptotes of large LRs; None where
+    """(S, U) of θ uniform on the unit sphere (docs/theory.md §4), the asymptotes of large LRs; None where
     unavailable (a note says why). S from n = the k-NN window N samples (or --uniform-n), U from
     the member's model over its training set (skipped with --no-uniform-loss)."""
     D = g["D"].dropna().unique() if "D" in g else []
@@ -249,7 +249,7 @@ def _free_energy_group(by_member, out_dir, opts, res, label, g, ent, K):
     st = group_settings(g, opts)
     lr_range = st.lr_range
     try:
-        if st.lr_slice is not None:      # a slice of the group's own sorted LR grid (THEORY.md §5.1)
+        if st.lr_slice is not None:      # a slice of the group's own sorted LR grid (docs/theory.md §5.1)
             lr_range = slice_range(g["lr"].unique(), st.lr_slice)
         fit = fit_temperature(lrs, U, S, st.eps, h=opts.h, lr_range=lr_range)
     except ValueError as e:
@@ -401,7 +401,7 @@ SNR_METRICS = ("full_grad_norm", "stoch_grad_mean_norm", "snr")
 
 
 def snr_section(sweep, out_dir, opts):
-    """THEORY.md §6: gradient norms and snr vs iteration and LR, gradient phase diagram."""
+    """docs/theory.md §6: gradient norms and snr vs iteration and LR, gradient phase diagram."""
     res = SectionResult("snr")
     present = [m for m in SNR_METRICS if m in sweep.metric_names]
     if not present:
@@ -501,7 +501,7 @@ def snr_section(sweep, out_dir, opts):
 # §7 ideal gas
 
 def ideal_gas_section(sweep, out_dir, opts):
-    """THEORY.md §7: T, σ², S_full; radius (V1); effective pressure; Maxwell (V3); potentials (V2)."""
+    """docs/theory.md §7: T, σ², S_full; radius (V1); effective pressure; Maxwell (V3); potentials (V2)."""
     res = SectionResult("ideal_gas")
     names = sweep.metric_names
     S_key = "entropy_kl_full" if "entropy_kl_full" in names else None
@@ -766,7 +766,7 @@ def parse_args(argv=None):
     ap.add_argument("--eps", action="append", default=[], metavar="[MATCH:]E",
                     help="§5 tolerance ε for every group, or for the groups whose members match MATCH "
                          "(key=value[,key=value], e.g. width=64:0.04); repeatable. Default per group: the "
-                         "grid's analysis block, else 0.01 UP / 0.04 OP (THEORY §5)")
+                         "grid's analysis block, else 0.01 UP / 0.04 OP (docs/theory.md §5)")
     ap.add_argument("--lr-range", action="append", nargs="+", default=[], metavar="[MATCH] LO HI",
                     help="§5 stationary segment by LR (both ends included) for every group, or for the "
                          "groups matching MATCH (e.g. --lr-range width=8 1e-4 1e-2); repeatable. "

@@ -1,5 +1,5 @@
 """Per-group analysis settings: which ε, LR segment, stationary window W, phase-diagram window and OP
-smoothing each group of a sweep is analysed with (THEORY.md §3, §5, §6).
+smoothing each group of a sweep is analysed with (docs/theory.md §3, §5, §6).
 
 Precedence, for each setting of a group (first that gives it wins):
   1. a report option aimed at the group (``--eps width=64:0.04``, ``--lr-range width=8 1e-4 1e-2``);
@@ -22,7 +22,7 @@ import yaml
 
 from engine.analysis_block import normalise_analysis_block
 
-REGIME_EPS = {"up": 0.01, "op": 0.04}     # THEORY.md §5: the papers' ε (ConvNet CIFAR-10 UP / OP)
+REGIME_EPS = {"up": 0.01, "op": 0.04}     # docs/theory.md §5: the papers' ε (ConvNet CIFAR-10 UP / OP)
 OP_LRS = 4                                # §5.6: T_t for the 4 smallest steadily-decreasing LRs
 
 

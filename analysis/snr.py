@@ -1,4 +1,4 @@
-"""Gradient statistics and the gradient phase diagram (THEORY.md §3 and §6).
+"""Gradient statistics and the gradient phase diagram (docs/theory.md §3 and §6).
 
 Pure numpy reference implementations; the trainers compute the same statistics on the
 device, and tests/analysis use these to check them.
@@ -12,7 +12,7 @@ from analysis.free_energy import power_law_fit
 
 
 def snr_stats_from_gradients(G, gbar):
-    """Gradient statistics at one log step (THEORY.md §3).
+    """Gradient statistics at one log step (docs/theory.md §3).
 
     G: (M, D) stochastic gradients g_1..g_M; gbar: (D,) full gradient ḡ. Returns a dict
     with full_grad_norm = |ḡ|, stoch_grad_rms = sqrt(mean |g_i − ḡ|²),
@@ -44,7 +44,7 @@ def snr_stats_from_gradients(G, gbar):
 
 
 def gradient_phase_exponent(full_norms, stoch_mean_norms, iterations, min_iteration, max_iteration=np.inf):
-    """Fit ln(stoch_grad_mean_norm) = a · ln(full_grad_norm) + b (THEORY.md §6).
+    """Fit ln(stoch_grad_mean_norm) = a · ln(full_grad_norm) + b (docs/theory.md §6).
 
     Only log steps with ``min_iteration`` ≤ iteration ≤ ``max_iteration`` enter the fit (the ResNet
     analysis used 1e4 ≤ t ≤ 4e5); non-finite or
@@ -65,7 +65,7 @@ def gradient_phase_exponent(full_norms, stoch_mean_norms, iterations, min_iterat
 
 
 def default_phase_threshold(num_iters, paper_iters=1_600_000, paper_threshold=200_000):
-    """Phase-diagram start iteration scaled to a shorter run (THEORY.md §6).
+    """Phase-diagram start iteration scaled to a shorter run (docs/theory.md §6).
 
     The paper fits iterations ≥ 2·10⁵ of 1.6M; keep the same fraction of ``num_iters``.
     """

@@ -1,4 +1,4 @@
-"""Report sections for the toy systems (THEORY.md §§7, 8), registered into analysis.sections.
+"""Report sections for the toy systems (docs/theory.md §§7, 8), registered into analysis.sections.
 
 ``analysis.report`` imports this module (if present) before running, so the sections below join
 its registry. Each one raises ``Skip`` unless the sweep holds members of its toy model.
@@ -12,11 +12,11 @@ its registry. Each one raises ``Skip`` unless the sweep holds members of its toy
 * ``sphere_toy``    – 3D sphere toy: loss and gradient statistics per LR, stationary snr vs LR,
                       UP snr increasing with LR, OP small LRs converging with a positive final snr.
 
-Stationary values of the vMF toy (THEORY.md §8, our reading for the engine's logs): the runner
+Stationary values of the vMF toy (docs/theory.md §8, our reading for the engine's logs): the runner
 reports ``train_loss``, ``radius`` and ``radius_preproj`` as the mean of the running values
 (every 50 iterations) since the previous log step, so "the last 5000 running values" (250k
 iterations) is the mean of the last round(250k / Δ) log rows (Δ = log spacing, 6 rows at 40k);
-r̃ uses 150k iterations (THEORY.md §7, 3000 running logs; 4 rows at 40k). S = mean of the last
+r̃ uses 150k iterations (docs/theory.md §7, 3000 running logs; 4 rows at 40k). S = mean of the last
 10 entropy evaluations. On a short run the windows are capped at half of the logged rows.
 
 The summary statistics are taken on the grid's interior: the smallest and the largest value of
@@ -51,7 +51,7 @@ THRESHOLDS = {                 # acceptance thresholds of the toy reproduction
     "radius_rel_max": 0.03,                       # radius (ELR/LR) or λ_eff (sphere) vs SDE
     "maxwell_ratio": 0.03,                        # |ratio − ideal| (ideal −1 ELR, +1 LR)
 }
-# U is judged statistically (THEORY.md §8 "Judging a simulated U", 2026-12-02): z = (U_sim − U_ref)/s.e.
+# U is judged statistically (docs/theory.md §8 "Judging a simulated U", 2026-12-02): z = (U_sim − U_ref)/s.e.
 # with U_ref the first-order discrete-step U for fixed η_eff (ELR, sphere), the exact vMF U for fixed LR
 Z_LIMIT = 3.0                  # an outlier: |z| > 3
 Z_MEDIAN_MAX = 1.0             # median |z| ≲ 1 (≈ 0.68 for pure sampling noise)
@@ -155,7 +155,7 @@ def vmf_member_table(sweep, members, u_window=U_WINDOW_ITERS, p_window=PRESSURE_
 
     ``members``: rows of one protocol from ``member_table`` (or of ``sweep.members`` with the
     ``radius`` param renamed ``r0``).
-    Exact values come from THEORY.md §8 (vmf_loss, vmf_entropy at κ = 1/T, T from §7).
+    Exact values come from docs/theory.md §8 (vmf_loss, vmf_entropy at κ = 1/T, T from §7).
     Windows: iterations averaged for U and r (``u_window``) and for r̃ (``p_window``), entropy
     evaluations averaged for S (``entropy_last``); the report passes its Options.
     """
@@ -274,7 +274,7 @@ def _potential(t, protocol):
 
 
 def z_verdict(z, dof):
-    """Statistical verdict on |z| scores (THEORY.md §8): (summary dict, pass). Under pure sampling noise
+    """Statistical verdict on |z| scores (docs/theory.md §8): (summary dict, pass). Under pure sampling noise
     |z| > Z_LIMIT happens with probability 2·t_sf(Z_LIMIT, dof) per member (Student t, dof = batch
     rows − 1); the count passes up to the Z_QUANTILE Poisson quantile of Z_MARGIN times that
     expectation, and the median |z| must stay ≤ Z_MEDIAN_MAX."""
@@ -340,7 +340,7 @@ def vmf_summary(t, protocol):
 # vMF toy: sections
 
 def vmf_exact_section(sweep, out_dir, opts):
-    """THEORY.md §8 vs simulation for the isotropic-noise toy; §7 radius/pressure, V2, V3."""
+    """docs/theory.md §8 vs simulation for the isotropic-noise toy; §7 radius/pressure, V2, V3."""
     res = SectionResult("vmf_exact")
     members = _members(sweep, "vmf")
     res.notes.append(f"U, radius: mean of the log rows covering the last {opts.toy_u_window} "
@@ -459,7 +459,7 @@ def _vmf_group(sweep, out_dir, res, label, g, opts):
 
 
 def vmf_adiabatic_section(sweep, out_dir, opts):
-    """THEORY.md §7 V4 for the toy with fixed LR: S_full depends on η only, not on λ."""
+    """docs/theory.md §7 V4 for the toy with fixed LR: S_full depends on η only, not on λ."""
     res = SectionResult("vmf_adiabatic")
     members = _members(sweep, "vmf")
     members = members[members["protocol"] == "fixed_lr"]
@@ -548,7 +548,7 @@ def sphere_toy_table(sweep, members, by_member=None):
 
 
 def sphere_toy_section(sweep, out_dir, opts):
-    """THEORY.md §8 sphere toy (free-energy paper): training curves, snr vs LR, UP/OP checks."""
+    """docs/theory.md §8 sphere toy (free-energy paper): training curves, snr vs LR, UP/OP checks."""
     res = SectionResult("sphere_toy")
     members = _members(sweep, "sphere_toy")
     by_member = split_by_member(sweep.series, members.index)

@@ -40,7 +40,7 @@ from trainables.data import load_dataset, sample_batch_indices         # noqa: E
 from trainables.models import build_model, si_parameters               # noqa: E402
 from trainables.trial import NetworkRunner                             # noqa: E402
 
-WIDTHS = {"convnet": 8, "resnet18": 4}        # ConvNet-8 and ResNet-18 k=4 (THEORY §1)
+WIDTHS = {"convnet": 8, "resnet18": 4}        # ConvNet-8 and ResNet-18 k=4 (docs/theory.md §1)
 
 
 class OpCounter(TorchDispatchMode):

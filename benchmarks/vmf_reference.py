@@ -1,8 +1,8 @@
-"""Independent reference simulation of the isotropic noise (von Mises-Fisher) toy, THEORY.md §8.
+"""Independent reference simulation of the isotropic noise (von Mises-Fisher) toy, docs/theory.md §8.
 
     python benchmarks/vmf_reference.py --protocol elr --seed 42 [--shared-noise] [--iters 2000000]
 
-Written from THEORY.md (§2, §4b, §7, §8) only; it imports nothing from trainables/, engine/ or analysis/
+Written from docs/theory.md (§2, §4b, §7, §8) only; it imports nothing from trainables/, engine/ or analysis/
 so it can serve as a cross-check of them. Plain numpy + scipy, one thread.
 
 Model: L(w) = 1 + <mu, w/|w|> in D = 3, |mu| = 1. Stochastic gradient at w (r = |w|, u = w/r):

@@ -1,6 +1,6 @@
 """The optional ``analysis:`` block of a grid file: the report's defaults for this sweep.
 
-The papers analysed each setup with its own settings (THEORY.md §5): ε, the stationary window W,
+The papers analysed each setup with its own settings (docs/theory.md §5): ε, the stationary window W,
 the stationary LR segment, the gradient phase-diagram window and the smoothing of the OP temperature
 along training. A grid carries them so its report reproduces the paper without flags:
 

@@ -2,7 +2,7 @@
 
 A grid YAML holds fixed member settings and axes. Every point of the product of the axes is a *member*
 (one training run, keys of docs/DESIGN.md); members that agree on every axis except the *bundled* ones
-form one *trial* (one Ray Tune trial, one runner). The grids the papers used are in THEORY.md §9.
+form one *trial* (one Ray Tune trial, one runner). The grids the papers used are in docs/theory.md §9.
 
     grid = load_grid("grids/demo.yaml", overrides=["iterations=1500"])
     for trial in grid.trials():
@@ -64,7 +64,7 @@ VALID = {
     "entropy": set(ENTROPY_DEFAULTS),
 }
 
-IMAGES_PER_CLASS = {"cifar10": 5000, "cifar100": 500}  # training split, THEORY.md §1
+IMAGES_PER_CLASS = {"cifar10": 5000, "cifar100": 500}  # training split, docs/theory.md §1
 NETWORKS = {"convnet", "resnet18"}
 
 TOP_KEYS = ("experiment", "description", "fixed", "axes", "bundle", "resources", "max_concurrent",

@@ -95,7 +95,7 @@ def source_tags(info: dict, entry_point: str = "engine.sweep") -> dict:
 
 def regime_of(status: str, last_row: dict | None, runner_regime: str | None = None) -> str:
     """converged / stationary / diverged. A network runner reports the papers' own "converged" (100 %
-    train accuracy with a falling train loss, THEORY §5) as ``runner_regime``; runners that do not
+    train accuracy with a falling train loss, docs/theory.md §5) as ``runner_regime``; runners that do not
     (the toys) are judged by our heuristic: a member that fits its training set, or that stopped at
     its loss threshold, converged; one that blew up diverged; the rest are stationary."""
     if status == "diverged":

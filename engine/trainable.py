@@ -173,7 +173,7 @@ class Reports:
 
 def attach_entropy(row: dict, entropy: dict, D: int) -> None:
     """Put a log step's late entropy into its row. σ² and the other variance terms use the window's
-    mean radius when there is one (THEORY.md §3), so rows that carry them are recomputed."""
+    mean radius when there is one (docs/theory.md §3), so rows that carry them are recomputed."""
     row.update(entropy)
     if "sigma2" in row and "window_radius" in entropy:
         row.update(variance_terms(row, entropy["window_radius"], D))

@@ -15,7 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The per-log-step metric names every network run writes (THEORY §3), entropy columns aside.
+# The per-log-step metric names every network run writes (docs/theory.md §3), entropy columns aside.
 BASE_NAMES = {"iteration", "train_loss", "train_acc", "test_loss", "test_acc", "full_grad_norm",
               "stoch_grad_rms", "noise_mean_norm", "stoch_grad_mean_norm", "snr", "snr_mean", "radius",
               "trace_sigma", "grad_sq", "sigma2"}

@@ -1,4 +1,4 @@
-"""Grid loading, expansion and validation (engine/config.py, grids/*.yaml, THEORY.md §9)."""
+"""Grid loading, expansion and validation (engine/config.py, grids/*.yaml, docs/theory.md §9)."""
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +8,7 @@ from engine.config import MEMBER_DEFAULTS, GridError, check_resources, load_grid
 
 GRIDS = Path(__file__).resolve().parents[1] / "grids"
 
-# THEORY.md §9, free-energy paper: logspace(-5,-4,4)[:-1] ∪ logspace(-4,-3,5)[:-1] ∪ logspace(-3,-2,15)[:-1]
+# docs/theory.md §9, free-energy paper: logspace(-5,-4,4)[:-1] ∪ logspace(-4,-3,5)[:-1] ∪ logspace(-3,-2,15)[:-1]
 # ∪ logspace(-2,-1,4)[:-1] ∪ logspace(-1,0,4). Built here from decade fractions, not with the loader's code.
 FE_LR = sorted([10.0 ** (-5 + j / 3) for j in range(3)] + [10.0 ** (-4 + j / 4) for j in range(4)]
                + [10.0 ** (-3 + j / 14) for j in range(14)] + [10.0 ** (-2 + j / 3) for j in range(3)]

@@ -1,4 +1,4 @@
-"""Tests for trainables.data (THEORY.md §1, "Data")."""
+"""Tests for trainables.data (docs/theory.md §1, "Data")."""
 
 import os
 import pickle

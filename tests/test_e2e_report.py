@@ -56,7 +56,7 @@ def test_sweep_then_report(ray_session, tmp_path, monkeypatch):
         g = members[members["width"] == width].sort_values("lr")
         row = fe[fe["group"].astype(str).str.contains(f"width={width}")]
         assert len(row) == 1, f"no summary row for width {width}: {fe['group'].tolist()}"
-        # ε per group: 0.04 where a member converged (OP), else 0.01 (THEORY §5)
+        # ε per group: 0.04 where a member converged (OP), else 0.01 (docs/theory.md §5)
         eps = 0.04 if (sw.members.loc[g.index, "status"] == "converged").any() or \
             (sw.members.loc[g.index, "regime"] == "converged").any() else 0.01
         assert float(row["eps"].iloc[0]) == eps

@@ -110,7 +110,7 @@ def test_demo_grid_end_to_end(ray_session, tmp_path, monkeypatch):
             assert _steps(uri, run.info.run_id, name) == expected_steps, name
         for k in (1, 5, 19):
             assert _steps(uri, run.info.run_id, f"entropy_knn_k{k}") == entropy_steps
-        # fixed sphere of radius 1: every logged radius is 1 (THEORY.md: the sphere protocol)
+        # fixed sphere of radius 1: every logged radius is 1 (docs/theory.md: the sphere protocol)
         assert all(abs(v - 1.0) < 1e-5 for _, v in metric_history(uri, run.info.run_id, "radius"))
     assert sorted(lrs.values()) == [0.01, 0.1]
 

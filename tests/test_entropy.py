@@ -1,4 +1,4 @@
-"""Tests for trainables/entropy.py (THEORY.md §4, §8) against independently known answers."""
+"""Tests for trainables/entropy.py (docs/theory.md §4, §8) against independently known answers."""
 import math
 
 import pytest

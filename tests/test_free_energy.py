@@ -1,4 +1,4 @@
-"""Tests for analysis.free_energy (THEORY.md §5) against hand computations and closed forms."""
+"""Tests for analysis.free_energy (docs/theory.md §5) against hand computations and closed forms."""
 
 import numpy as np
 import pytest

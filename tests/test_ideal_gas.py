@@ -1,4 +1,4 @@
-"""Tests for analysis.ideal_gas (THEORY.md §7): hand-rearranged formulas and exact fits."""
+"""Tests for analysis.ideal_gas (docs/theory.md §7): hand-rearranged formulas and exact fits."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Tests for trainables.metrics (THEORY.md §3)."""
+"""Tests for trainables.metrics (docs/theory.md §3)."""
 import math
 
 import pytest
@@ -95,7 +95,7 @@ def test_loss_sum_matches_torch_losses():
     assert Mx.batch_loss(logits, y, "ce").item() == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
     onehot = torch.zeros(7, 10)
     onehot[torch.arange(7), y] = 1.0
-    # MSE: squared error summed over the 10 classes, averaged over the 7 samples (THEORY.md §3)
+    # MSE: squared error summed over the 10 classes, averaged over the 7 samples (docs/theory.md §3)
     assert Mx.batch_loss(logits, y, "mse").item() == pytest.approx(10 * F.mse_loss(logits, onehot).item(), rel=1e-6)
     assert Mx.loss_sum(logits, y, "mse").item() == pytest.approx(70 * F.mse_loss(logits, onehot).item(), rel=1e-6)
 

@@ -1,4 +1,4 @@
-"""Tests for trainables.models (THEORY.md §1)."""
+"""Tests for trainables.models (docs/theory.md §1)."""
 
 import pytest
 import torch
@@ -200,7 +200,7 @@ def test_input_shapes(name):
 
 
 def test_resnet_shortcut_takes_preactivated_input():
-    # THEORY.md §1: the projection shortcut BN -> conv1x1 acts on relu(bn1(x)), so its input is >= 0
+    # docs/theory.md §1: the projection shortcut BN -> conv1x1 acts on relu(bn1(x)), so its input is >= 0
     model = build_model("resnet18", 2, 10)
     seen = []
     for name, m in model.named_modules():

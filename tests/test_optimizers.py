@@ -1,4 +1,4 @@
-"""trainables.optimizers: momentum and Adam under the three protocols (THEORY.md §10).
+"""trainables.optimizers: momentum and Adam under the three protocols (docs/theory.md §10).
 
 Expected values come from hand computations (literal numbers worked out in the comments), from a
 separate numpy transcription of §10's formulas, and from torch.optim where the protocol reduces to it

@@ -1,4 +1,4 @@
-"""Tests for trainables.protocols (THEORY.md §2).
+"""Tests for trainables.protocols (docs/theory.md §2).
 
 Each update is applied to the flat weights of a tiny scale-invariant ConvNet after one backward pass
 on a fixed batch; the expected result is the §2 formula written out by hand in float64 (numpy) from

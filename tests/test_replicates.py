@@ -104,7 +104,7 @@ def test_bands_shrink_from_two_to_four_seeds():
 
 
 def test_temperature_fit_per_seed_recovers_each_seeds_exponent():
-    """Exact free-energy family per seed (S = C ln η, U = (b C/a) η^a ⇒ T = b η^a, THEORY.md §5)
+    """Exact free-energy family per seed (S = C ln η, U = (b C/a) η^a ⇒ T = b η^a, docs/theory.md §5)
     with a seed-specific exponent: each seed's fit returns its own a, and the band is centred on
     their mean."""
     lrs = np.logspace(-4, -2, 9)

@@ -448,7 +448,7 @@ def test_uniform_loss_asymptote_matches_an_independent_monte_carlo():
 
 # ---- per-group analysis settings (issue 11) --------------------------------------------------------
 
-FE_GROUPS = {8: (3.9e-3, 0.85), 64: (2.5e-4, 0.86)}      # width → (b, a) of T = b η^a (THEORY §5)
+FE_GROUPS = {8: (3.9e-3, 0.85), 64: (2.5e-4, 0.86)}      # width → (b, a) of T = b η^a (docs/theory.md §5)
 
 
 def _fe_sweep_in_memory(widths, converged_width=None, n_logs=120):

@@ -1,4 +1,4 @@
-"""Tests for trainables.schedule (THEORY.md §3 schedules, §4 windows) and trainables.sinks.LocalSink."""
+"""Tests for trainables.schedule (docs/theory.md §3 schedules, §4 windows) and trainables.sinks.LocalSink."""
 import math
 
 import pytest

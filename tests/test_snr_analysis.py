@@ -1,4 +1,4 @@
-"""Tests for analysis.snr (THEORY.md §3, §6) on hand-constructed gradients."""
+"""Tests for analysis.snr (docs/theory.md §3, §6) on hand-constructed gradients."""
 
 import numpy as np
 import pytest
@@ -48,7 +48,7 @@ def test_default_phase_threshold_scales():
 
 def test_phase_exponent_uses_only_the_window():
     # inside 1e4 ≤ t ≤ 4e5 the law is stoch = e^0.3 · full^0.9; before and after it is a different one,
-    # so only a fit restricted to the window (ResNet analysis, THEORY §6) recovers a = 0.9 exactly
+    # so only a fit restricted to the window (ResNet analysis, docs/theory.md §6) recovers a = 0.9 exactly
     its = np.geomspace(10, 1e6, 200)
     full = 1.0 / np.sqrt(its)
     inside = (its >= 1e4) & (its <= 4e5)

@@ -1,4 +1,4 @@
-"""Toy systems of THEORY.md §8: exact vMF formulas, the isotropic-noise walkers, the 3D sphere toy."""
+"""Toy systems of docs/theory.md §8: exact vMF formulas, the isotropic-noise walkers, the 3D sphere toy."""
 import io
 import math
 
@@ -114,7 +114,7 @@ def test_vmf_divergence_marks_member():
 
 
 def _reference_steps(protocol, theta, v, lr, wd, r0):
-    """THEORY.md §2 written out: g = P_θ(v)/|θ| with P_θ the tangent projection, v = μ + σ ξ."""
+    """docs/theory.md §2 written out: g = P_θ(v)/|θ| with P_θ the tangent projection, v = μ + σ ξ."""
     theta = theta.copy()
     for vk in v:
         r = np.linalg.norm(theta, axis=1, keepdims=True)
@@ -233,7 +233,7 @@ def test_sphere_toy_resume_is_exact_and_bundle_checked():
 
 
 def test_sphere_toy_draws_one_object_per_step_for_every_lr():
-    """Common random numbers (THEORY.md §8, the papers' code): the object index of step k is the k-th
+    """Common random numbers (docs/theory.md §8, the papers' code): the object index of step k is the k-th
     draw of the setting's generator, the same for every LR. A walker therefore follows the path a hand
     loop over those draws gives, whatever other LRs share its bundle."""
     lrs, steps = (0.01, 0.1, 0.3), 500

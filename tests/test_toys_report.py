@@ -319,7 +319,7 @@ def test_report_main_runs_toy_sections(store, tmp_path):
 
 
 def test_z_verdict_counts_outliers_against_chance():
-    """THEORY §8: with dof 24, P(|t| > 3) = 0.00619 (Student t tables), so 225 members expect 1.39
+    """docs/theory.md §8: with dof 24, P(|t| > 3) = 0.00619 (Student t tables), so 225 members expect 1.39
     outliers; with the margin (twice that) the 99 % Poisson quantile of mean 2.79 is 7: 7 pass, 8 fail.
     A median |z| above 1 fails whatever the count."""
     from analysis.toys_report import z_verdict

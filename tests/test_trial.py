@@ -1,4 +1,4 @@
-"""Tests for trainables.trial.NetworkRunner (docs/DESIGN.md "Runners", THEORY.md §2–§3).
+"""Tests for trainables.trial.NetworkRunner (docs/DESIGN.md "Runners", docs/theory.md §2–§3).
 
 Tiny ConvNet(c=2) on sklearn digits (D = 1,530), a few dozen iterations, small M and windows.
 """
@@ -220,7 +220,7 @@ def test_members_that_cannot_share_a_model_are_refused():
 
 
 def test_test_pass_follows_the_full_pass_before_the_stochastic_gradients():
-    """THEORY §3 (corrected 2026-12-02): the eval-mode test metrics use the BN running statistics that
+    """docs/theory.md §3 (corrected 2026-12-02): the eval-mode test metrics use the BN running statistics that
     the 1024-chunk full pass left, not those of the M stochastic-gradient passes that follow it."""
     from trainables import metrics as Mx
     runner, _ = make(config(log_schedule="free_energy", iterations=3, entropy=[], num_stoch_grads=5))
@@ -320,7 +320,7 @@ def test_stochastic_entropy_of_the_displacements_by_hand(protocol, r0, wd, lr):
         grads = [g.clone() for g in Mx.stochastic_gradients(runner.model, d.x_train, d.y_train,
                                                             runner.grad, runner.loss, M,
                                                             cfg["batch_size"], gen)]
-    # the step really taken: η_eff r² on the sphere and for fixed ELR, η for fixed LR (THEORY §2)
+    # the step really taken: η_eff r² on the sphere and for fixed ELR, η for fixed LR (docs/theory.md §2)
     r = row["radius"]
     step = lr * r ** 2 if protocol != "fixed_lr" else lr
     X = step * torch.stack(grads).double()

@@ -1,4 +1,4 @@
-"""Datasets held entirely on the device, and iid minibatch indices (THEORY.md §1, "Data").
+"""Datasets held entirely on the device, and iid minibatch indices (docs/theory.md §1, "Data").
 
 Public API:
     Dataset                                    dataclass of train/test tensors
@@ -20,7 +20,7 @@ import torch
 
 DATASETS = ("digits", "cifar10", "cifar100", "synthetic")
 
-# per-channel normalisation constants, THEORY.md §1
+# per-channel normalisation constants, docs/theory.md §1
 CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
     "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
@@ -189,7 +189,7 @@ def _load_synthetic(size, data_seed, num_classes=10):
 
 
 def _subset_per_label(y, k, num_classes, seed):
-    """Indices of k training examples per class, without replacement (THEORY.md §1)."""
+    """Indices of k training examples per class, without replacement (docs/theory.md §1)."""
     g = torch.Generator().manual_seed(seed)
     picked = []
     for c in range(num_classes):
@@ -203,12 +203,12 @@ def _subset_per_label(y, k, num_classes, seed):
 
 def load_dataset(name, data_dir=None, samples_per_label=None, data_seed=1, device="cpu",
                  download=True, synthetic_size=(5000, 1000)):
-    """Load a dataset onto `device` (THEORY.md §1: per-channel normalisation, no augmentation).
+    """Load a dataset onto `device` (docs/theory.md §1: per-channel normalisation, no augmentation).
 
     'digits': sklearn's bundled 8×8 digits (1 channel, pixel/16, stratified 80/20 split seeded by
     `data_seed`, normalised with train-set mean/std). 'cifar10' / 'cifar100': python-format batches
     under `data_dir` (downloaded with torchvision if absent and `download`), normalised with the
-    THEORY.md constants. 'synthetic': seeded random 3×32×32 data with 10 classes.
+    docs/theory.md constants. 'synthetic': seeded random 3×32×32 data with 10 classes.
     `samples_per_label`: that many training images per class (without replacement, seed `data_seed`).
     """
     if name not in DATASETS:
@@ -237,7 +237,7 @@ def load_dataset(name, data_dir=None, samples_per_label=None, data_seed=1, devic
 
 
 def sample_batch_indices(n, batch_size, generator):
-    """`batch_size` indices drawn iid uniformly from range(n), with replacement (THEORY.md §1),
+    """`batch_size` indices drawn iid uniformly from range(n), with replacement (docs/theory.md §1),
     on the generator's device (no host synchronisation)."""
     if n < 1 or batch_size < 1:
         raise ValueError(f"need n >= 1 and batch_size >= 1, got n={n}, batch_size={batch_size}")

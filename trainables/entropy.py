@@ -1,4 +1,4 @@
-"""Entropy estimators for windows of weight snapshots (THEORY.md §4, §8).
+"""Entropy estimators for windows of weight snapshots (docs/theory.md §4, §8).
 
 A *window* is an (N, D) tensor: N snapshots of the D trainable weights, on any device and in any
 float dtype. Everything is computed in float64 on the window's device; results are Python floats.
@@ -94,7 +94,7 @@ def _row_sq_norms(window, chunk=None):
 def pairwise_sq_distances(window, chunk=None):
     """Squared Euclidean distances d_ij² between the rows of an (N, D) window, float64 (N, N).
 
-    THEORY.md §4a "Numerics": the window is centred before the Gram trick and accumulated in float64,
+    docs/theory.md §4a "Numerics": the window is centred before the Gram trick and accumulated in float64,
     in blocks of `chunk` feature columns (default: ~256 MB per block) to bound memory.
     """
     _check_window(window, min_rows=1)
@@ -120,7 +120,7 @@ def _clean_ks(ks, n):
 
 
 def knn_graph_entropy(window, ks=DEFAULT_KS, intrinsic_dim=None, chunk=None):
-    """k-NN graph entropy Ŝ_k = d_e · log L_k − (d_e − 1) · log N for each k (THEORY.md §4a).
+    """k-NN graph entropy Ŝ_k = d_e · log L_k − (d_e − 1) · log N for each k (docs/theory.md §4a).
 
     L_k = Σ_i Σ_{j ∈ kNN(i)} |θ_i − θ_j| over each snapshot's k nearest *other* snapshots;
     d_e = intrinsic_dim, default D − 1 (the sphere). ks above N − 1 are clipped to N − 1 and
@@ -193,7 +193,7 @@ def _angle_blocks(window, chunk=None):
 
 
 def hyperspherical_angles(window, chunk=None):
-    """Hyperspherical angles of each snapshot, float64 (N, D − 1) (THEORY.md §4b).
+    """Hyperspherical angles of each snapshot, float64 (N, D − 1) (docs/theory.md §4b).
 
     φ_i = atan2(|θ_{i+1:D}|, θ_i) for i = 1..D−2 and φ_{D−1} = atan2(θ_D, θ_{D−1}); tail norms come
     from a reverse cumulative sum of squares in float64.
@@ -203,7 +203,7 @@ def hyperspherical_angles(window, chunk=None):
 
 
 def window_radius(window, chunk=None):
-    """Mean radius r̄ = mean_i |θ_i| of the window (THEORY.md §4b)."""
+    """Mean radius r̄ = mean_i |θ_i| of the window (docs/theory.md §4b)."""
     _check_window(window, min_rows=1)
     return _row_sq_norms(window, chunk).sqrt().mean().item()
 
@@ -240,7 +240,7 @@ def _kl_small_dim(window, standardize):
 
 
 def kl_sphere_entropy(window, standardize=False, chunk=None):
-    """Kozachenko–Leonenko entropy on the sphere, returns (S_sphere, S_full) (THEORY.md §4b).
+    """Kozachenko–Leonenko entropy on the sphere, returns (S_sphere, S_full) (docs/theory.md §4b).
 
     With d = D − 1 and ρ_i the distance from snapshot i's angle vector to its nearest other one
     (clipped at 1e-8):
@@ -298,7 +298,7 @@ def _uniform_tile(seed, a, b, rows, cols):
 
 def uniform_sphere_reference(D, n=1000, ks=DEFAULT_KS, loss_fn=None, seed=0, device="cpu", chunk=64,
                              col_chunk=None):
-    """Expected loss and k-NN entropy (§4a) of n directions drawn uniformly on the unit sphere (THEORY.md §4).
+    """Expected loss and k-NN entropy (§4a) of n directions drawn uniformly on the unit sphere (docs/theory.md §4).
 
     Directions are Gaussian vectors z_i normalised. They are never held whole: z is drawn in tiles of
     UNIFORM_TILE_ROWS rows × a column block (``_uniform_tile``), so any D fits. Entropy: the Gram

@@ -1,4 +1,4 @@
-"""Log-step measurements of a network (THEORY.md §3).
+"""Log-step measurements of a network (docs/theory.md §3).
 
 Everything is computed on the trial's device into 0-dim tensors; the caller moves them to the host
 once per log step. Gradients land in the flat ``grad`` buffer that the model's SI parameters view
@@ -17,7 +17,7 @@ CHUNK = 1024
 
 def loss_sum(logits: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
     """Summed loss over a batch: cross-entropy, or the squared error to one-hot targets summed over
-    classes (THEORY.md §3, the papers' convention: the MSE head norm 1.5 was chosen for it; its batch
+    classes (docs/theory.md §3, the papers' convention: the MSE head norm 1.5 was chosen for it; its batch
     mean is ``nn.MSELoss`` times the number of classes)."""
     if loss == "ce":
         return F.cross_entropy(logits, y, reduction="sum")

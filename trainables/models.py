@@ -1,4 +1,4 @@
-"""Fully scale-invariant networks (THEORY.md §1).
+"""Fully scale-invariant networks (docs/theory.md §1).
 
 Every trainable tensor is a bias-free conv followed by ``BatchNorm2d(affine=False)``, so the training
 loss satisfies L(αθ) = L(θ) for α > 0. The linear head is frozen at initialisation (Frobenius norm 10
@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-HEAD_NORMS = {"ce": 10.0, "mse": 1.5}  # THEORY.md §1
+HEAD_NORMS = {"ce": 10.0, "mse": 1.5}  # docs/theory.md §1
 
 
 def _conv(cin, cout, kernel, stride=1, bundle=None):
@@ -82,7 +82,7 @@ class BundleHead(nn.Module):
 class ConvNet(nn.Module):
     """conv(in→c) | conv(c→2c) pool | conv(2c→4c) pool | conv(4c→8c) pool | global max pool | head.
 
-    Each conv is followed by BN(affine=False) and ReLU (THEORY.md §1). The final MaxPool4 is an
+    Each conv is followed by BN(affine=False) and ReLU (docs/theory.md §1). The final MaxPool4 is an
     adaptive max pool to 1×1: identical at 32×32 input, and it also accepts 8×8 digits.
     """
 
@@ -109,7 +109,7 @@ class ConvNet(nn.Module):
 
 
 class PreActBlock(nn.Module):
-    """BN ReLU conv3x3 BN ReLU conv3x3 + shortcut (THEORY.md §1).
+    """BN ReLU conv3x3 BN ReLU conv3x3 + shortcut (docs/theory.md §1).
 
     Where the shape changes, the shortcut is BN(affine=False) → conv1x1(stride) applied to the
     block's pre-activated input relu(bn1(x)); otherwise it is the identity on x.
@@ -165,7 +165,7 @@ MODELS = {"convnet": ConvNet, "resnet18": PreActResNet18}
 
 def build_model(name, width, num_classes, in_channels=3, loss="ce", init_seed=1, head_seed=4,
                 radius=1.0):
-    """Build a scale-invariant network with the papers' initialisation order (THEORY.md §1).
+    """Build a scale-invariant network with the papers' initialisation order (docs/theory.md §1).
 
     seed `init_seed` → model with PyTorch default init → seed `head_seed` → fresh Linear head
     (weight rescaled to Frobenius norm 10 for 'ce' / 1.5 for 'mse', bias as is, frozen) →
@@ -206,7 +206,7 @@ def si_parameters(model):
 
 
 def num_si_params(model):
-    """D = number of trainable scale-invariant weights (THEORY.md §1)."""
+    """D = number of trainable scale-invariant weights (docs/theory.md §1)."""
     return sum(p.numel() for p in si_parameters(model))
 
 

@@ -1,4 +1,4 @@
-"""SGD, heavy-ball momentum and Adam under the three protocols of THEORY.md §2 (issue #12; §10).
+"""SGD, heavy-ball momentum and Adam under the three protocols of docs/theory.md §2 (issue #12; §10).
 
 A member chooses its optimizer with the keys of ``OPTIMIZER_DEFAULTS``:
 
@@ -12,7 +12,7 @@ host synchronisation; ``lr``, ``wd`` and ``radius`` are floats or tensors broadc
 (..., 1), as in trainables.protocols. The optimizer state is a dict of tensors (``init_state``), which
 is also its checkpoint form (``state_dict`` / ``load_state_dict``).
 
-The update, with d the descent direction and p the step's power of the radius (THEORY.md §10):
+The update, with d the descent direction and p the step's power of the radius (docs/theory.md §10):
 - sgd: the protocol update of trainables.protocols, unchanged.
 - momentum (heavy ball, torch.optim.SGD's convention, no dampening): buf ← β buf + d, step along buf.
   fixed_lr: d = g + λθ (coupled WD), θ ← θ − η buf — torch.optim.SGD(momentum=β, weight_decay=λ).
@@ -171,7 +171,7 @@ def _adam_direction(opt, state, grad):
 
 
 def momentum_lr_factor(opt: dict) -> float:
-    """1/(1 − β) for momentum (its long-time step per unit gradient), 1 otherwise (THEORY.md §10)."""
+    """1/(1 − β) for momentum (its long-time step per unit gradient), 1 otherwise (docs/theory.md §10)."""
     return 1.0 / (1.0 - opt["momentum"]) if opt["optimizer"] == "momentum" else 1.0
 
 

@@ -1,4 +1,4 @@
-"""The three training protocols of THEORY.md §2, as in-place updates of the flat weight vector.
+"""The three training protocols of docs/theory.md §2, as in-place updates of the flat weight vector.
 
 ``theta`` and ``grad`` are tensors of shape ``(..., D)``: the network's flat SI weights ``(D,)`` or a
 bundle of toy walkers ``(n, D)``. ``lr``, ``wd`` and ``radius`` are floats or tensors that broadcast

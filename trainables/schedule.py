@@ -1,10 +1,10 @@
-"""When to log and which iterations to snapshot (THEORY.md §3 and §4).
+"""When to log and which iterations to snapshot (docs/theory.md §3 and §4).
 
 A log schedule is a sorted list of iterations at which the full metrics are computed. An entropy
 estimator spec (``{"name": "knn", "window": N, "stride": s}``) defines, for a log step ``t``, a window of
 the N most recent iterations that are multiples of ``s`` and not after ``t``. Entropy is evaluated at
 every log step whose window is complete (it starts at iteration ≥ 0); ``evaluate_every: M`` keeps only
-the log steps that are multiples of M (entropy sparser than the other metrics, as in THEORY.md §8) and
+the log steps that are multiples of M (entropy sparser than the other metrics, as in docs/theory.md §8) and
 ``evaluate_last: K`` then keeps the last K of those. Only the snapshots that fall in an evaluated window
 are ever taken.
 """
@@ -100,7 +100,7 @@ class SnapshotPlan:
             if every:
                 steps = [t for t in steps if t % int(every) == 0]
             last = spec.get("evaluate_last")
-            if last:                      # only the last K eligible log steps (e.g. THEORY.md §8's 10)
+            if last:                      # only the last K eligible log steps (e.g. docs/theory.md §8's 10)
                 steps = steps[-int(last):]
             steps = set(steps)
             self.eval_steps.append(steps)

@@ -21,7 +21,7 @@ from trainables.schedule import window_complete, window_iterations
 
 
 def window_entropy(window: torch.Tensor, spec: dict) -> dict[str, float]:
-    """Entropy metrics of one member's window (N, D) for one estimator spec (THEORY.md §4)."""
+    """Entropy metrics of one member's window (N, D) for one estimator spec (docs/theory.md §4)."""
     out: dict[str, float] = {}
     if spec["name"] == "knn":
         ks = spec.get("ks") or H.DEFAULT_KS
@@ -50,7 +50,7 @@ SIGMA_RADIUS_ORDER = ("kl", "knn")   # whose window radius σ² uses when both a
 
 def add_window_entropy(row: dict, values: dict) -> dict:
     """Merge one estimator's ``window_entropy`` values into a member's row and set ``window_radius``,
-    the r̄ that σ², tr Σ and G² use (THEORY.md §3): the KL window's when it was evaluated at this
+    the r̄ that σ², tr Σ and G² use (docs/theory.md §3): the KL window's when it was evaluated at this
     step (the ideal-gas paper's σ² window), else the k-NN window's. Each estimator keeps its own
     ``window_radius_<name>``, so evaluating both at one step never overwrites one with the other."""
     row.update(values)

@@ -4,7 +4,7 @@ A member stops at a log step when
   * it is stationary: for U (``train_loss``), the radius and S (the entropy key ``s_key``), the mean of
     its latest window and the mean of the window just before agree within ``drift_z`` combined
     standard errors (windows: the ``u_rows`` latest log rows for U and r, the ``s_evals`` latest entropy
-    evaluations for S — the windows the analysis averages, THEORY.md §8), and
+    evaluations for S — the windows the analysis averages, docs/theory.md §8), and
   * its estimates over the latest window reached the precision asked for: the standard error of the
     mean relative to the mean for U (``u_rel_se``) and r (``r_rel_se``), in nats for S (``s_se``);
     a target left out (or null) is not required, but its drift still is when the metric is logged;

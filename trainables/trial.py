@@ -150,7 +150,7 @@ class NetworkRunner:
         self.theta0 = self.rows.detach().clone()                     # where a diverged member is parked
         self.D = self.rows.shape[1]
         self.protocol = cfg["protocol"]
-        self.opt = optimizers.optimizer_config(cfg)   # sgd: exactly the protocol update of THEORY §2
+        self.opt = optimizers.optimizer_config(cfg)   # sgd: exactly the protocol update of docs/theory.md §2
         self.loss = cfg["loss"]
         if self.K == 1:   # plain floats: the numbers of the one-member runner stay what they were
             self.lr, self.wd, self.r0 = float(cfg["lr"]), float(cfg["wd"]), float(cfg["radius"])
@@ -262,7 +262,7 @@ class NetworkRunner:
     def measure(self, t: int, sink) -> list[dict]:
         """All §3 metrics of every member's θ_t, plus the window entropy when the window is complete.
 
-        Order (THEORY §3, corrected 2026-12-02): the full-train pass, then the eval-mode test pass (its
+        Order (docs/theory.md §3, corrected 2026-12-02): the full-train pass, then the eval-mode test pass (its
         BN running statistics are those the 1024-chunk full pass left), then the M stochastic gradients.
         """
         K = self.K

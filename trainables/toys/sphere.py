@@ -1,4 +1,4 @@
-"""The 3D sphere toy of THEORY.md §8: projected SGD with batch size 1 on a few great-circle "objects".
+"""The 3D sphere toy of docs/theory.md §8: projected SGD with batch size 1 on a few great-circle "objects".
 
 Object i has loss l_i(w) = ⟨n_i, w⟩²/|w|²; the training loss is their mean. On the unit sphere the
 gradient is ∇l_i = 2c_i (n_i − c_i w) with c_i = ⟨n_i, w⟩ (already tangent). One object index is
@@ -27,7 +27,7 @@ CHUNK = 2000
 
 
 def sphere_toy_normals(setting):
-    """Unit normals of the objects (THEORY.md §8): OP two, UP three, as a float64 (K, 3) tensor."""
+    """Unit normals of the objects (docs/theory.md §8): OP two, UP three, as a float64 (K, 3) tensor."""
     if setting == "op":
         n = [(math.sqrt(3) / 2, 0.5, 0.0), (math.sqrt(3) / 2, -0.5, 0.0)]
     elif setting == "up":
@@ -39,7 +39,7 @@ def sphere_toy_normals(setting):
 
 
 def object_gradients(w, normals):
-    """Per-object losses (K, n) and exact gradients (K, n, 3) at unit vectors w (n, 3) (THEORY.md §8)."""
+    """Per-object losses (K, n) and exact gradients (K, n, 3) at unit vectors w (n, 3) (docs/theory.md §8)."""
     c = normals @ w.T  # (K, n)
     grads = 2 * c[:, :, None] * (normals[:, None, :] - c[:, :, None] * w[None])
     return c * c, grads

@@ -1,4 +1,4 @@
-"""The isotropic-noise toy of THEORY.md §8: exact von Mises–Fisher formulas and a bundle of walkers.
+"""The isotropic-noise toy of docs/theory.md §8: exact von Mises–Fisher formulas and a bundle of walkers.
 
 The loss is L(w) = 1 + ⟨μ, w/|w|⟩ in D dimensions. Its gradient is (μ − ⟨μ,ŵ⟩ŵ)/|w|; the noise is
 σ ξ/|w| with ξ standard Gaussian projected onto the tangent space at w. Adding the two,
@@ -24,7 +24,7 @@ from trainables.schedule import SnapshotPlan, log_iterations
 from trainables.stopping import StopRule, check_spec
 
 # -----------------------------------------------------------------------------
-# exact vMF formulas (THEORY.md §8)
+# exact vMF formulas (docs/theory.md §8)
 
 
 def _check_kappa_dim(kappa, D):
@@ -37,7 +37,7 @@ def _check_kappa_dim(kappa, D):
 
 
 def vmf_mean_cos(kappa, D):
-    """A_D(κ) = I_{D/2}(κ) / I_{D/2−1}(κ), the mean cosine to the mean direction (THEORY.md §8).
+    """A_D(κ) = I_{D/2}(κ) / I_{D/2−1}(κ), the mean cosine to the mean direction (docs/theory.md §8).
 
     Uses exponentially scaled Bessel functions (scipy.special.ive) so large κ does not overflow.
     """
@@ -46,7 +46,7 @@ def vmf_mean_cos(kappa, D):
 
 
 def vmf_loss(kappa, D):
-    """Stationary loss U = 1 − A_D(κ) of L(w) = 1 + ⟨μ, ŵ⟩ (THEORY.md §8).
+    """Stationary loss U = 1 − A_D(κ) of L(w) = 1 + ⟨μ, ŵ⟩ (docs/theory.md §8).
 
     The density ∝ exp(−L/T) = exp(κ⟨−μ, ŵ⟩) is vMF around −μ, so ⟨μ, ŵ⟩ averages to −A_D(κ).
     """
@@ -54,19 +54,19 @@ def vmf_loss(kappa, D):
 
 
 def vmf_log_norm(kappa, D):
-    """log C_D(κ) with C_D(κ) = κ^{D/2−1} / ((2π)^{D/2} I_{D/2−1}(κ)) (THEORY.md §8), in log space."""
+    """log C_D(κ) with C_D(κ) = κ^{D/2−1} / ((2π)^{D/2} I_{D/2−1}(κ)) (docs/theory.md §8), in log space."""
     kappa, D = _check_kappa_dim(kappa, D)
     log_bessel = np.log(ive(D / 2 - 1, kappa)) + kappa  # log I_{D/2−1}(κ)
     return (D / 2 - 1) * np.log(kappa) - (D / 2) * np.log(2 * np.pi) - log_bessel
 
 
 def vmf_entropy(kappa, D):
-    """Differential entropy on the unit sphere S_sphere = −log C_D(κ) − κ A_D(κ) (THEORY.md §8)."""
+    """Differential entropy on the unit sphere S_sphere = −log C_D(κ) − κ A_D(κ) (docs/theory.md §8)."""
     return -vmf_log_norm(kappa, D) - np.asarray(kappa, dtype=np.float64) * vmf_mean_cos(kappa, D)
 
 
 def kappa_from_temperature(T):
-    """κ = 1/T (THEORY.md §8)."""
+    """κ = 1/T (docs/theory.md §8)."""
     T = np.asarray(T, dtype=np.float64)
     if np.any(T <= 0):
         raise ValueError("temperature must be > 0")
