@@ -13,17 +13,16 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from ray.tune import Callback
 
+from benchmarks.faults import MlflowServer, free_port
 from conftest import REPO, metric_history, mlflow_member_runs, repo_env
 
 DEMO = REPO / "grids" / "demo.yaml"
@@ -31,62 +30,11 @@ KNN = "entropy=[{name: knn, window: 20, stride: 1, ks: [1, 5, 19]}]"
 TINY = ["width=1", "num_stoch_grads=2", "batch_size=32", KNN]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MlflowServer:
-    """A real tracking server on 127.0.0.1 with a SQLite store under ``root``; stop/start keep the port."""
-
-    def __init__(self, root: Path, port: int):
-        self.root, self.port, self.proc = root, port, None
-        self.uri = f"http://127.0.0.1:{port}"
-
-    def start(self, timeout=180.0):
-        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-               "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
-               "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"]
-        log = open(self.root / "server.log", "a")
-        self.proc = subprocess.Popen(cmd, cwd=self.root, stdout=log, stderr=subprocess.STDOUT, env=repo_env(),
-                                     start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, (self.root / "server.log").read_text()[-3000:]
-            try:
-                with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
-                        self.uri + "/health", timeout=2) as r:
-                    if r.read().strip() == b"OK":
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)          # polling interval, not synchronisation
-        raise AssertionError("mlflow server did not come up:\n" + (self.root / "server.log").read_text()[-3000:])
-
-    def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)         # the server and its own workers, ours only
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(30)
-        self.proc = None
-
-    def down(self) -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-            return False
-        except OSError:
-            return True
-
-
 @pytest.fixture
 def server(tmp_path):
     root = tmp_path / "server"
     root.mkdir()
-    srv = MlflowServer(root, free_port())
+    srv = MlflowServer(root, free_port(), env=repo_env())
     srv.start()
     yield srv
     srv.stop()
