@@ -317,7 +317,6 @@ def run_sweep(grid, *, address=None, tracking_uri=DEFAULT_TRACKING_URI, storage_
             "trial": tune.grid_search(trials),
             "sweep_id": sweep_id,
             "checkpoint_every": grid.checkpoint_every,
-            "cpus_per_trial": res["cpu"],
             "_fault_kill_at": _fault_kill_at,
         }
         limit = max_concurrent or grid.max_concurrent

@@ -47,8 +47,9 @@ def train_bundle(config: dict) -> None:
     trial = config["trial"]
     member_ids = [mid for mid, _ in trial["members"]]
     members = [dict(cfg) for _, cfg in trial["members"]]
-    cpus = max(1, int(config.get("cpus_per_trial", 1)))
-    torch.set_num_threads(cpus)
+    # as many threads as CPUs Ray gave this trial (resources.by may give it more than the grid's base)
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    torch.set_num_threads(max(1, int(cpus)))
     device = trial_device(members)
     for m in members:
         m["device"] = str(device)
