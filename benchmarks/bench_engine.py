@@ -79,7 +79,7 @@ def main() -> None:
 
     import ray
 
-    from engine.config import load_grid
+    from engine.grid import load_grid
     from engine.sweep import run_sweep
 
     work = Path(tempfile.mkdtemp(prefix="bench_engine_"))

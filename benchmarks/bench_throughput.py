@@ -25,7 +25,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine.config import load_grid                       # noqa: E402
+from engine.grid import load_grid                       # noqa: E402
 from engine.plan import DATASET_SHAPES, TABLE             # noqa: E402
 from trainables.data import load_dataset                  # noqa: E402
 from trainables.defaults import resolve_device            # noqa: E402

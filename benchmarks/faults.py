@@ -113,7 +113,7 @@ def compare(clean: dict, faulty: dict) -> dict:
 
 def run_in_process(experiment: str, fault, uri: str, storage: str, iterations: int) -> dict:
     """One sweep in this process (Ray started here if needed); returns run_sweep's summary."""
-    from engine.config import load_grid
+    from engine.grid import load_grid
     from engine.sweep import run_sweep
 
     grid = load_grid(DEMO, overrides=overrides(experiment, iterations))

@@ -18,7 +18,7 @@ along training. A grid carries them so its report reproduces the paper without f
           phase_window: [1.0e+4, 4.0e+5]   # iterations of the gradient phase-diagram fit (hi optional)
           op_smooth_sigma: 0.2         # Gaussian smoothing in log-iteration before T_t (§5.6)
 
-``engine.config.load_grid`` checks the block with :func:`analysis_block_problems` before a sweep
+``engine.grid.load_grid`` checks the block with :func:`analysis_block_problems` before a sweep
 starts; ``analysis.settings`` reads it back from the parent run's ``grid.yaml`` with
 :func:`normalise_analysis_block`.
 """

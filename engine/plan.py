@@ -30,7 +30,8 @@ from pathlib import Path
 
 import yaml
 
-from engine.config import _fmt, trial_resources
+from engine.grid_values import fmt as _fmt
+from engine.resources import trial_resources
 
 GiB = 2 ** 30
 ROOT = Path(__file__).resolve().parents[1]

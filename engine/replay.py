@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from engine.config import checkpoint_due
+from engine.grid import checkpoint_due
 from trainables.schedule import SnapshotPlan, log_iterations, window_iterations
 
 START = -1                  # anchor "the start": a freshly built runner, nothing to store
@@ -30,7 +30,7 @@ ANCHOR_FILE, ANCHOR_META = "anchor.pt", "anchor.json"
 class AnchorPlan:
     """For every log step c at which the trial checkpoints: the anchor that checkpoint needs (None: no
     window still to come reaches back to c). The checkpoint steps follow from ``checkpoint_every``
-    alone (engine.config.checkpoint_due, counted from 0), the same after any restore."""
+    alone (engine.grid.checkpoint_due, counted from 0), the same after any restore."""
 
     def __init__(self, member: dict, checkpoint_every: int = 0):
         log_iters = log_iterations(member["log_schedule"], int(member["iterations"]))

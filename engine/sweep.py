@@ -20,7 +20,7 @@ import sys
 import threading
 from pathlib import Path
 
-from engine.config import GridError, check_resources, load_grid
+from engine.grid import GridError, check_resources, load_grid
 from trainables.runner import ENDED, FINAL
 from engine import plan
 from engine.preflight import (STORAGE_ENV, check_address, check_datasets, check_experiment, check_storage,

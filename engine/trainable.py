@@ -22,7 +22,7 @@ import ray
 import torch
 from ray import tune
 
-from engine.config import checkpoint_due
+from engine.grid import checkpoint_due
 from engine.replay import AnchorKeeper, AnchorPlan, read_anchor, rebuild_windows
 from engine.reservoir import ReservoirSink
 from trainables.metrics import variance_terms

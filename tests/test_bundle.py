@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from engine.config import GridError, load_grid
+from engine.grid import GridError, load_grid
 from trainables.sinks import LocalSink
 from trainables.trial import NetworkRunner
 

@@ -1,10 +1,11 @@
-"""Grid loading, expansion and validation (engine/config.py, grids/*.yaml, docs/theory.md §9)."""
+"""Grid loading, expansion and validation (engine/grid.py, grids/*.yaml, docs/theory.md §9)."""
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from engine.config import MEMBER_DEFAULTS, GridError, check_resources, load_grid
+from engine.grid import GridError, check_resources, load_grid
+from trainables.member import MEMBER_DEFAULTS
 
 GRIDS = Path(__file__).resolve().parents[1] / "grids"
 
@@ -96,7 +97,7 @@ def test_paper_settings_in_grids():
     _, cfg = fe.members()[0]
     assert (cfg["iterations"], cfg["num_stoch_grads"], cfg["samples_per_label"]) == (1_600_000, 1000, 5000)
     assert cfg["protocol"] == "fixed_sphere" and cfg["entropy"][0]["window"] == 1000
-    from engine.config import trial_resources
+    from engine.grid import trial_resources
     by_width = {t["members"][0][1]["width"]: trial_resources(fe, t) for t in fe.trials()}
     assert by_width == {8: {"cpu": 1.0, "gpu": 0.25}, 64: {"cpu": 1.0, "gpu": 1.0}}
     ig = load_grid(GRIDS / "lr_wd.yaml")
@@ -285,7 +286,7 @@ def test_evaluate_every_that_misses_the_log_steps_is_reported():
 
 
 def test_analysis_block_is_checked_before_anything_runs():
-    from engine.config import GridError, load_grid
+    from engine.grid import GridError, load_grid
     good = load_grid({"experiment": "x", "analysis": {"window": 40, "groups": [
         {"match": {"width": 4}, "eps": "1e-2", "lr_slice": [3, -6], "phase_window": [1.0e4, 4.0e5]}]}})
     assert good.experiment == "x"

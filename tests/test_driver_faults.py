@@ -72,7 +72,7 @@ def _series(uri, run_id):
 def test_tracking_outage_only_delays(ray_session, tmp_path, tracking_uri, server, capsys):
     from mlflow.tracking import MlflowClient
 
-    from engine.config import load_grid
+    from engine.grid import load_grid
     from engine.sweep import run_sweep
 
     common = ["iterations=120", "log_schedule=every:10", "checkpoint_every=20", "lr=[0.05, 0.1]",
@@ -208,7 +208,7 @@ import engine.trainable
 from test_engine import recording_trainable
 engine.trainable.train_bundle = recording_trainable({rec!r})
 from test_driver_faults import KillAtSeam
-from engine.config import load_grid
+from engine.grid import load_grid
 from engine.sweep import run_sweep
 grid = load_grid({grid!r}, overrides={overrides!r})
 s = run_sweep(grid, tracking_uri={uri!r}, storage_path={storage!r}, resume=(sys.argv[1] if len(sys.argv) > 1 else None),

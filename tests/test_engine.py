@@ -119,7 +119,7 @@ def test_demo_grid_end_to_end(ray_session, tmp_path, monkeypatch):
 
 def test_fractional_gpus_pack_four_trials(ray_session, tmp_path, monkeypatch, tracking_uri):
     import engine.trainable
-    from engine.config import load_grid
+    from engine.grid import load_grid
     from engine.sweep import run_sweep
 
     assert ray_session.cluster_resources().get("GPU") == 2
@@ -160,7 +160,7 @@ def _peak(recs) -> int:
 # ----------------------------------------------------------------------------- 4. kill and resume
 
 def test_killed_trial_resumes_and_matches(ray_session, tmp_path, tracking_uri):
-    from engine.config import load_grid
+    from engine.grid import load_grid
     from engine.sweep import run_sweep
 
     iterations, kill_at = 300, 130
@@ -201,7 +201,7 @@ def test_resume_closes_members_tune_finished_but_mlflow_left_running(ray_session
     ``--resume`` has nothing to rerun and must still close the members and the sweep."""
     from mlflow.tracking import MlflowClient
 
-    from engine.config import load_grid
+    from engine.grid import load_grid
     from engine.sweep import run_sweep
 
     # checkpoints force reports: several results per trial, as in any real sweep, so that Tune's

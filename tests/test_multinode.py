@@ -115,7 +115,7 @@ def reference_train_loss(lr):
     """The member trained in this process, without Ray, reservoir or interruption."""
     import torch
 
-    from engine.config import load_grid
+    from engine.grid import load_grid
     from trainables.runner import make_runner
 
     grid = load_grid(DEMO, [o for o in GRID if not o.startswith("lr=")] + [f"lr={lr}", "entropy=[]"])

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from engine import plan
-from engine.config import GridError, check_resources, load_grid, trial_resources
+from engine.grid import GridError, check_resources, load_grid, trial_resources
 from engine.sweep import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,8 +7,9 @@ and the network runner both use it.
 """
 from __future__ import annotations
 
-NETWORK_MODELS = ("convnet", "resnet18")
-TOY_MODELS = ("vmf", "sphere_toy")
+from trainables import member
+
+NETWORK_MODELS = member.NETWORKS   # trainables.models.MODELS; toys: member.toys()
 
 # a member's status: "running" while it trains; then one that it reached by itself (ENDED) or "failed"
 ENDED = ("done", "diverged", "converged", "stopped")
@@ -42,10 +43,6 @@ def make_runner(members: list[dict], device=None):
     if model in NETWORK_MODELS:
         from trainables.trial import NetworkRunner
         return NetworkRunner(members, device)
-    if model == "vmf":
-        from trainables.toys.vmf import VMFRunner
-        return VMFRunner(members, device)
-    if model == "sphere_toy":
-        from trainables.toys.sphere import SphereToyRunner
-        return SphereToyRunner(members, device)
-    raise ValueError(f"unknown model '{model}'; choose one of {', '.join(NETWORK_MODELS + TOY_MODELS)}")
+    if model in member.toys():
+        return member.toys()[model].Runner(members, device)
+    raise ValueError(f"unknown model '{model}'; choose one of {', '.join(member.model_names())}")

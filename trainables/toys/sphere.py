@@ -15,12 +15,15 @@ import torch
 
 from trainables.schedule import log_iterations
 from trainables.defaults import resolve_device
+from trainables.member import Key, check, choice
 from trainables.toys.vmf import _finish_at_end, check_bundle
 
-DEFAULTS = {"model": "sphere_toy", "setting": "up", "lr": 0.1, "iterations": 50_000,
-            "log_schedule": "sphere_toy", "radius": 1.0}
-SHARED = ("model", "setting", "iterations", "log_schedule")
+MODEL = "sphere_toy"
 SEEDS = {"op": 44, "up": 43}  # the object-index generator's seed is fixed by the setting (`seed` unused)
+# this toy's own member keys (trainables.member registers them) and its defaults for common keys
+KEYS = (Key("setting", "up", choice("setting", lambda: SEEDS), "up (three objects) or op (two)"),)
+DEFAULTS = {"log_schedule": "sphere_toy"}
+SHARED = ("model", "setting", "iterations", "log_schedule")
 START = (-0.8, 0.6, 0.1)
 CONVERGED_LOSS = 1e-16
 CHUNK = 2000
@@ -62,10 +65,9 @@ class SphereToyRunner:
     """A bundle of sphere-toy walkers that differ only in LR (DESIGN.md "Runners"). No entropy."""
 
     def __init__(self, members, device="cpu"):
-        self.members = check_bundle(members, DEFAULTS, SHARED)
+        self.members = check_bundle([{"model": MODEL, **m} for m in members], SHARED)
         for m in self.members:
-            if not m["lr"] > 0:
-                raise ValueError(f"sphere_toy lr must be > 0, got {m['lr']}")
+            check("lr", m["lr"])
         m0 = self.members[0]
         self.setting = m0["setting"]
         self.device = resolve_device(device)
@@ -137,3 +139,6 @@ class SphereToyRunner:
         self.status = list(d["status"])
         self.w, self.lr = d["w"].to(self.device), d["lr"].to(self.device)
         self.gen.set_state(d["gen"])
+
+
+Runner = SphereToyRunner

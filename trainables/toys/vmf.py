@@ -20,6 +20,7 @@ import torch
 from scipy.special import ive
 
 from trainables.defaults import resolve_device
+from trainables.member import Key, check, member_config, real, stop_when, whole
 from trainables.schedule import SnapshotPlan, log_iterations
 from trainables.stopping import StopRule, check_spec
 
@@ -94,23 +95,26 @@ def vmf_radius(protocol, lr, wd, noise, D):
 # -----------------------------------------------------------------------------
 # the walker bundle
 
-DEFAULTS = {
-    "model": "vmf", "protocol": "fixed_elr", "lr": 0.01, "wd": 0.0, "radius": 1.0, "dim": 3,
-    "noise": 1.0, "mu_seed": 44, "seed": 42, "iterations": 2_000_000, "running_every": 50,
-    "log_schedule": "every:40000",
-    "entropy": [{"name": "kl", "window": 1000, "stride": 50, "standardize": True}],
-    "stop_when": None,
-}
+MODEL = "vmf"
+# this toy's own member keys (trainables.member registers them) and its defaults for common keys
+KEYS = (
+    Key("dim", 3, whole("dim", 2), "dimension D of the walker", int),
+    Key("noise", 1.0, real("noise", ge=0), "noise scale σ", float),
+    Key("mu_seed", 44, whole("mu_seed", 0), "seed of the direction μ", int),
+    Key("stop_when", None, stop_when, "stop a member once U, r and S are known (trainables.stopping)", dict),
+)
+DEFAULTS = {"seed": 42}
 SHARED = ("model", "protocol", "dim", "mu_seed", "seed", "iterations", "running_every", "log_schedule",
           "entropy", "stop_when")
 CHUNK = 2000  # steps of noise drawn at once
 
 
-def check_bundle(members, defaults, shared):
-    """Fill defaults and check that the keys in `shared` agree across the bundle (ValueError if not)."""
+def check_bundle(members, shared):
+    """Fill defaults (trainables.member) and check that the keys in `shared` agree across the bundle
+    (ValueError if not)."""
     if not members:
         raise ValueError("a runner needs at least one member")
-    members = [{**defaults, **m} for m in members]
+    members = [member_config(m) for m in members]
     for key in shared:
         values = {repr(m[key]) for m in members}
         if len(values) > 1:
@@ -123,14 +127,12 @@ class VMFRunner:
     """A bundle of independent isotropic-noise walkers, one per member, stepped together (DESIGN.md)."""
 
     def __init__(self, members, device="cpu"):
-        self.members = check_bundle(members, DEFAULTS, SHARED)
+        self.members = check_bundle([{"model": MODEL, **m} for m in members], SHARED)
         m0 = self.members[0]
-        self.protocol = m0["protocol"]
-        if self.protocol not in ("fixed_sphere", "fixed_elr", "fixed_lr"):
-            raise ValueError(f"unknown protocol '{self.protocol}'; use fixed_sphere, fixed_elr or fixed_lr")
+        self.protocol = check("protocol", m0["protocol"])
         for m in self.members:
-            if not (m["lr"] > 0 and m["radius"] > 0 and m["wd"] >= 0 and m["noise"] >= 0):
-                raise ValueError(f"vmf member needs lr > 0, radius > 0, wd ≥ 0, noise ≥ 0; got {m}")
+            for key in ("lr", "radius", "wd", "noise"):
+                check(key, m[key])
         self.device = resolve_device(device)
         self.D = int(m0["dim"])
         if self.D < 2:
@@ -364,3 +366,6 @@ def _finish_at_end(status: list, t: int, iterations: int) -> None:
         for i, s in enumerate(status):
             if s == "running":
                 status[i] = "done"
+
+
+Runner = VMFRunner
