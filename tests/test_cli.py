@@ -1,4 +1,4 @@
-"""Tests for the single-trial CLI ``python -m trainables.run`` (trainables/run.py)."""
+"""Tests for the single-trial CLI ``python -m trainables.cli`` (old name ``trainables.run``, trainables/cli.py)."""
 import json
 import math
 import subprocess
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import BASE_NAMES, repo_env
-from trainables.run import main
+from trainables.cli import main
 
 SMALL = ["--model", "convnet", "--width", "2", "--dataset", "digits", "--lr", "0.01",
          "--batch-size", "32", "--num-stoch-grads", "2", "--entropy", "knn:6", "--ks", "1,2,5,1000",
@@ -36,6 +36,11 @@ def test_short_run_writes_all_files_as_a_subprocess(tmp_path):
                            "--log-schedule", "every:10", "--out", str(out)],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
+    # the cost is announced before training: log steps 10, 20, 30, 40; M = 2 each; the knn window of 6
+    # consecutive iterations is complete at all four
+    cost = proc.stdout.splitlines()[0]
+    assert cost.startswith("cost: 40 SGD steps; 4 log steps") and "8 stochastic gradients" in cost
+    assert "entropy evaluations: knn 4" in cost
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["iteration"] for r in rows] == [10, 20, 30, 40]
     assert set(rows[0]) == BASE_NAMES | {"entropy_knn_k1", "entropy_knn_k2", "entropy_knn_k5", "window_radius",
@@ -44,7 +49,8 @@ def test_short_run_writes_all_files_as_a_subprocess(tmp_path):
 
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["lr"] == 0.01 and cfg["width"] == 2 and cfg["iterations"] == 40
-    assert cfg["entropy"] == [{"name": "knn", "window": 6, "stride": 1, "ks": [1, 2, 5, 1000]}]
+    assert cfg["entropy"] == [{"name": "knn", "window": 6, "stride": 1, "ks": [1, 2, 5, 1000],
+                               "evaluate_last": None, "evaluate_every": None}]   # the grid's spec form
     assert cfg["running_every"] == 50  # defaults filled in
 
     status = json.loads((out / "status.json").read_text())
@@ -135,3 +141,26 @@ def test_divergence_exits_1_with_rows_so_far(tmp_path, capsys):
     assert [r["iteration"] for r in rows] == list(range(2, status["iteration"], 2))      # nothing lost
     assert all(math.isfinite(r["train_loss"]) for r in rows)
     torch.load(out / "checkpoint.pt", weights_only=True)
+
+
+def test_resume_accepts_a_run_saved_before_the_entropy_spec_was_completed(tmp_path, capsys):
+    # runs written by the old CLI stored {name, window, stride, ks} only; resuming them must still work
+    args = [*SMALL, "--iters", "30", "--log-schedule", "every:15", "--out", str(tmp_path / "o")]
+    assert cli([*args, "--stop-after", "15"], capsys)[0] == 0
+    path = tmp_path / "o" / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg["entropy"] = [{k: v for k, v in s.items() if not k.startswith("evaluate_")} for s in cfg["entropy"]]
+    path.write_text(json.dumps(cfg))
+    assert cli([*args, "--resume"], capsys)[0] == 0
+    assert [r["iteration"] for r in read_jsonl(tmp_path / "o" / "metrics.jsonl")] == [15, 30]
+
+
+def test_help_lists_every_schema_key_with_its_meaning(capsys):
+    from trainables import member
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for key in member.COMMON:
+        if key.name != "entropy":
+            flag = "--iters" if key.name == "iterations" else "--" + key.name.replace("_", "-")
+            assert flag in text and " ".join(key.meaning.split()) in text, key.name
