@@ -292,7 +292,26 @@ def load_grid(path_or_dict, overrides=()) -> Grid:
                          f"got {type(raw).__name__}"], path)
     _apply_overrides(raw, list(overrides), problems)
     warnings: list[str] = []
+    top = _top_level(raw, problems)
+    problems += analysis_block_problems(raw.get("analysis"))
+    fixed, raw_fixed = _parse_fixed(raw, problems)
+    axes, raw_axes = _parse_axes(raw, raw_fixed, problems)
+    bundle = _parse_bundle(raw, raw_axes, problems)
+    resources = _parse_resources(raw.get("resources"), axes, bundle, problems, warnings)
+    if problems:
+        raise GridError(problems, path)
 
+    grid = Grid(**top, fixed=fixed, axes=axes, bundle=bundle, resources=resources, source_text=text, path=path,
+                overrides=list(overrides), warnings=warnings)
+    check_members(grid, problems, warnings)
+    _check_trial_resources(grid, problems)
+    if problems:
+        raise GridError(problems, path)
+    return grid
+
+
+def _top_level(raw: dict, problems: list) -> dict:
+    """The grid's own settings (everything but fixed, axes, bundle, resources), checked."""
     for key in raw:
         if key not in TOP_KEYS:
             problems.append(f"{key}: unknown top-level key{suggest(key, TOP_KEYS)}; valid: {', '.join(TOP_KEYS)}")
@@ -306,19 +325,24 @@ def load_grid(path_or_dict, overrides=()) -> Grid:
             problems.append(f"{key}: {e}")
             return default
 
-    experiment = top("experiment", member.text("experiment (the MLflow experiment name)"), None)
+    out = {"experiment": top("experiment", member.text("experiment (the MLflow experiment name)"), None)}
     if "experiment" not in raw:
         problems.append("experiment: missing; every grid names its MLflow experiment, e.g. experiment: demo")
-    description = top("description", optional(text_or_empty("description")), "") or ""
-    max_concurrent = top("max_concurrent", optional(whole("max_concurrent", 1)), None)
-    tracking_uri = top("tracking_uri", optional(member.text("tracking_uri")), None)
-    storage_path = top("storage_path", optional(member.text("storage_path")), None)
-    checkpoint_every = top("checkpoint_every", whole("checkpoint_every", 0), 0)
-    max_failures = top("max_failures", whole("max_failures (-1 = retry forever)", -1), 2)
+    out["description"] = top("description", optional(text_or_empty("description")), "") or ""
+    out["max_concurrent"] = top("max_concurrent", optional(whole("max_concurrent", 1)), None)
+    out["tracking_uri"] = top("tracking_uri", optional(member.text("tracking_uri")), None)
+    out["storage_path"] = top("storage_path", optional(member.text("storage_path")), None)
+    out["checkpoint_every"] = top("checkpoint_every", whole("checkpoint_every", 0), 0)
+    out["max_failures"] = top("max_failures", whole("max_failures (-1 = retry forever)", -1), 2)
+    return out
 
-    problems += analysis_block_problems(raw.get("analysis"))
 
-    # fixed
+def _unknown_member_key(key, loc) -> str:
+    return f"{loc}: unknown key{suggest(key, tuple(member.keys()))}; member keys are listed in docs/DESIGN.md"
+
+
+def _parse_fixed(raw: dict, problems: list) -> tuple[dict, dict]:
+    """→ (checked fixed values, the raw ``fixed`` mapping)."""
     fixed = {}
     raw_fixed = raw.get("fixed") or {}
     if not isinstance(raw_fixed, dict):
@@ -326,14 +350,16 @@ def load_grid(path_or_dict, overrides=()) -> Grid:
         raw_fixed = {}
     for key, value in raw_fixed.items():
         if key not in member.keys():
-            problems.append(f"fixed.{key}: unknown key{suggest(key, tuple(member.keys()))}; "
-                            f"member keys are listed in docs/DESIGN.md")
+            problems.append(_unknown_member_key(key, f"fixed.{key}"))
             continue
         v = check_value(key, value, f"fixed.{key}", problems)
         if v is not None or value is None:
             fixed[key] = v
+    return fixed, raw_fixed
 
-    # axes
+
+def _parse_axes(raw: dict, raw_fixed: dict, problems: list) -> tuple[dict, dict]:
+    """→ (member key → checked values in file order, the raw ``axes`` mapping)."""
     axes = {}
     raw_axes = raw.get("axes") or {}
     if not isinstance(raw_axes, dict):
@@ -342,7 +368,7 @@ def load_grid(path_or_dict, overrides=()) -> Grid:
     for key, spec in raw_axes.items():
         loc = f"axes.{key}"
         if key not in member.keys():
-            problems.append(f"{loc}: unknown key{suggest(key, tuple(member.keys()))}; member keys are listed in docs/DESIGN.md")
+            problems.append(_unknown_member_key(key, loc))
             continue
         if key in raw_fixed:
             problems.append(f"{loc}: '{key}' is both fixed and an axis; remove it from one of them")
@@ -359,8 +385,10 @@ def load_grid(path_or_dict, overrides=()) -> Grid:
             if checked[i] is not None and any(same(checked[i], c) for c in checked[:i]):
                 problems.append(f"{loc}[{i}]: value {fmt(checked[i])} repeats; each axis value must be distinct")
         axes[key] = checked
+    return axes, raw_axes
 
-    # bundle
+
+def _parse_bundle(raw: dict, raw_axes: dict, problems: list) -> list:
     bundle = raw.get("bundle") or []
     if not isinstance(bundle, list) or not all(isinstance(b, str) for b in bundle):
         problems.append(f"bundle: must be a list of axis names, e.g. [lr], got {bundle!r}")
@@ -371,21 +399,4 @@ def load_grid(path_or_dict, overrides=()) -> Grid:
                             f"axes: {', '.join(raw_axes) or 'none'}")
         elif b in bundle[:i]:
             problems.append(f"bundle[{i}]: '{b}' is listed twice")
-    bundle = [b for i, b in enumerate(bundle) if b in raw_axes and b not in bundle[:i]]
-
-    # resources
-    resources = _parse_resources(raw.get("resources"), axes, bundle, problems, warnings)
-
-    if problems:
-        raise GridError(problems, path)
-
-    grid = Grid(experiment=experiment, description=description, fixed=fixed, axes=axes, bundle=bundle,
-                resources=resources, max_concurrent=max_concurrent, tracking_uri=tracking_uri,
-                storage_path=storage_path, checkpoint_every=checkpoint_every, max_failures=max_failures,
-                source_text=text, path=path, overrides=list(overrides), warnings=warnings)
-    check_members(grid, problems, warnings)
-    _check_trial_resources(grid, problems)
-    if problems:
-        raise GridError(problems, path)
-    return grid
-
+    return [b for i, b in enumerate(bundle) if b in raw_axes and b not in bundle[:i]]

@@ -32,6 +32,7 @@ import yaml
 
 from engine.grid_values import fmt as _fmt
 from engine.resources import trial_resources
+from trainables import member
 
 GiB = 2 ** 30
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +51,6 @@ GPU_SPLITS = (1, 0.5, 0.25, 0.2)   # GPU shares the fix suggestions try
 # training images, test images, channels, side, classes (trainables/data.py)
 DATASET_SHAPES = {"cifar10": (50000, 10000, 3, 32, 10), "cifar100": (50000, 10000, 3, 32, 100),
                   "digits": (1437, 360, 1, 8, 10), "synthetic": (5000, 1000, 3, 32, 10)}
-TOY_DIMS = {"sphere_toy": lambda cfg: 3, "vmf": lambda cfg: int(cfg["dim"])}
 
 
 def gib(n: float) -> str:
@@ -85,8 +85,8 @@ def network_shape(model: str, width: int, dataset: str) -> tuple[int, int]:
 
 def dimension(cfg: dict) -> int:
     """D of a member: the trainable scale-invariant weights (the head is frozen), or a toy's dim."""
-    if cfg["model"] in TOY_DIMS:
-        return TOY_DIMS[cfg["model"]](cfg)
+    if cfg["model"] in member.toys():
+        return member.toys()[cfg["model"]].dimension(cfg)
     return network_shape(cfg["model"], int(cfg["width"]), cfg["dataset"])[0]
 
 
@@ -124,7 +124,7 @@ def trial_memory(cfgs: list[dict], on_gpu: bool) -> TrialMemory:
     reservoir = max((RESERVOIR_EVAL_COPIES * snapshot * int(s["window"]) + m * int(s["window"]) ** 2 * 4
                      for s in specs), default=0)
     host, device = PROCESS_BYTES + (2 * chunk * snapshot if specs else 0), 0
-    if cfg["model"] not in TOY_DIMS:
+    if cfg["model"] not in member.toys():
         n_train, n_test, channels, side, _ = DATASET_SHAPES[cfg["dataset"]]
         image = channels * side * side
         per_label = cfg.get("samples_per_label")
@@ -365,7 +365,7 @@ def iterations_per_second(cfg: dict, gpu_model: str | None) -> tuple[float, str]
     """Estimated it/s of one trial alone on ``gpu_model`` and the source, from engine/throughput.yaml."""
     rows = [r for r in table()["models"] if r["model"] == cfg["model"]]
     speed = table()["gpus"].get(gpu_model or "", {}).get("speed")
-    if not rows or speed is None or cfg["model"] in TOY_DIMS:
+    if not rows or speed is None or cfg["model"] in member.toys():
         return None
     D = dimension(cfg)
     pts = sorted((network_shape(r["model"], r["width"], r["dataset"])[0], r) for r in rows)
