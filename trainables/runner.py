@@ -36,7 +36,7 @@ def bundle_conflicts(members: list[dict]) -> list[str]:
 
 
 def make_runner(members: list[dict], device=None):
-    models = {m.get("model", "convnet") for m in members}
+    models = {m.get("model", member.MEMBER_DEFAULTS["model"]) for m in members}
     if len(models) != 1:
         raise ValueError(f"a bundle must share one model, got {sorted(models)}")
     model = models.pop()
