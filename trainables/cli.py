@@ -136,46 +136,42 @@ def _save_checkpoint(path: Path, runner, sink, cfg) -> None:
     os.replace(tmp, path)
 
 
-def main(argv=None) -> int:
-    p = parser()
-    args = p.parse_args(argv)
-    cfg = config_from_args(args, p)
-    out = Path(args.out)
-    ckpt_path, metrics_path, running_path = out / "checkpoint.pt", out / "metrics.jsonl", out / "running.jsonl"
+def _check_out(p, args, cfg, out: Path) -> None:
+    """Refuse (exit 2) a --resume without a matching run, or a new run over an existing one."""
     if args.resume:
-        if not ckpt_path.exists():
-            p.error(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start")
+        if not (out / "checkpoint.pt").exists():
+            p.error(f"--resume: no checkpoint at {out / 'checkpoint.pt'}; run without --resume to start")
         saved, now = _saved_config(out), json.loads(json.dumps(cfg))
         if saved != now:
             diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
             p.error(f"--resume: the arguments differ from the run in {out} in: {', '.join(diff)}")
-    elif metrics_path.exists() and metrics_path.stat().st_size > 0:
+    elif (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size > 0:
         p.error(f"{out} already holds a run; use --resume to continue it or choose another --out")
-    try:
-        runner = make_runner([cfg], cfg["device"])
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(run_cost(cfg).describe(), flush=True)
-    sink = LocalSink(cfg["entropy"], 1, runner.D, device=runner.device) if cfg["entropy"] else None
+
+
+def _prepare(out: Path, resume: bool, runner, sink, cfg) -> None:
+    """Restore the checkpoint and drop rows written after it, or start fresh files."""
     out.mkdir(parents=True, exist_ok=True)
-    if args.resume:
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if resume:
+        state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
         runner.load_state_dict(state["runner"])
         if sink is not None and state["sink"] is not None:
             sink.load_state_dict(state["sink"])
-        _truncate_jsonl(metrics_path, runner.iteration)
-        _truncate_jsonl(running_path, runner.iteration)
+        _truncate_jsonl(out / "metrics.jsonl", runner.iteration)
+        _truncate_jsonl(out / "running.jsonl", runner.iteration)
     else:
         (out / "config.json").write_text(json.dumps(cfg, indent=1))
-        metrics_path.write_text("")
-        running_path.write_text("")
+        (out / "metrics.jsonl").write_text("")
+        (out / "running.jsonl").write_text("")
 
+
+def _train(args, out: Path, runner, sink, cfg) -> bool:
+    """Run to the end (or --stop-after), writing rows and checkpoints; True when stopped early."""
     bar = tqdm(total=cfg["iterations"], initial=runner.iteration, disable=args.no_progress,
                unit="it", desc=f"{cfg['model']}{cfg['width']} {cfg['protocol']} lr={cfg['lr']:g}")
     last_ckpt = time.monotonic()
     stopped_early = False
-    with open(metrics_path, "a") as fm, open(running_path, "a") as fr:
+    with open(out / "metrics.jsonl", "a") as fm, open(out / "running.jsonl", "a") as fr:
         for event in runner.run(sink):
             for r in event["running"][0]:
                 fr.write(json.dumps(r) + "\n")
@@ -189,22 +185,40 @@ def main(argv=None) -> int:
             finished = runner.status[0] != "running"
             stop = args.stop_after is not None and event["iteration"] >= args.stop_after and not finished
             if finished or stop or time.monotonic() - last_ckpt > args.checkpoint_every:
-                _save_checkpoint(ckpt_path, runner, sink, cfg)
+                _save_checkpoint(out / "checkpoint.pt", runner, sink, cfg)
                 last_ckpt = time.monotonic()
             if stop:
                 stopped_early = True
                 break
     bar.close()
+    return stopped_early
+
+
+def main(argv=None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    cfg = config_from_args(args, p)
+    out = Path(args.out)
+    _check_out(p, args, cfg, out)
+    try:
+        runner = make_runner([cfg], cfg["device"])
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(run_cost(cfg).describe(), flush=True)
+    sink = LocalSink(cfg["entropy"], 1, runner.D, device=runner.device) if cfg["entropy"] else None
+    _prepare(out, args.resume, runner, sink, cfg)
+    stopped_early = _train(args, out, runner, sink, cfg)
     status = "stopped" if stopped_early else runner.status[0]
     (out / "status.json").write_text(json.dumps({"status": status, "iteration": runner.iteration, "D": runner.D}))
     if status == "diverged":
         print(f"diverged at iteration ≤ {runner.iteration} (non-finite loss); rows up to then are in "
-              f"{metrics_path}. Try a smaller --lr.", file=sys.stderr)
+              f"{out / 'metrics.jsonl'}. Try a smaller --lr.", file=sys.stderr)
         return 1
     if stopped_early:
         print(f"stopped at iteration {runner.iteration}; continue with the same arguments and --resume")
     else:
-        print(f"done: {runner.iteration} iterations, D = {runner.D}, metrics in {metrics_path}")
+        print(f"done: {runner.iteration} iterations, D = {runner.D}, metrics in {out / 'metrics.jsonl'}")
     return 0
 
 

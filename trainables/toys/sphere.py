@@ -23,6 +23,8 @@ SEEDS = {"op": 44, "up": 43}  # the object-index generator's seed is fixed by th
 # this toy's own member keys (trainables.member registers them) and its defaults for common keys
 KEYS = (Key("setting", "up", choice("setting", lambda: SEEDS), "up (three objects) or op (two)"),)
 DEFAULTS = {"log_schedule": "sphere_toy"}
+
+
 def dimension(cfg: dict) -> int:
     """D of a member of this toy: the walkers live in 3D."""
     return 3

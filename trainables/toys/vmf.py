@@ -104,6 +104,8 @@ KEYS = (
     Key("stop_when", None, stop_when, "stop a member once U, r and S are known (trainables.stopping)", dict),
 )
 DEFAULTS = {"seed": 42}
+
+
 def dimension(cfg: dict) -> int:
     """D of a member of this toy (the planner sizes memory with it)."""
     return int(cfg["dim"])
