@@ -35,12 +35,12 @@ from engine.analysis_block import analysis_block_problems  # the report's `analy
 from trainables import optimizers
 from trainables.defaults import DEFAULT_KS, MEMBER_DEFAULTS  # one source of defaults
 from trainables.runner import bundle_conflicts
-from trainables.stopping import check_spec as check_stop_spec
+from trainables.stopping import check_spec as check_stop_spec, network_s_key
 from trainables.schedule import log_iterations, window_complete
 
 # Extra keys that only the toys understand (DESIGN.md "Toy keys"); they override MEMBER_DEFAULTS.
 MODEL_DEFAULTS = {
-    "vmf": {"dim": 3, "noise": 1.0, "mu_seed": 44, "seed": 42, "stop_when": None},
+    "vmf": {"dim": 3, "noise": 1.0, "mu_seed": 44, "seed": 42},
     "sphere_toy": {"setting": "up"},
 }
 TOY_KEYS = {key: model for model, keys in MODEL_DEFAULTS.items() for key in keys if key not in MEMBER_DEFAULTS}
@@ -66,6 +66,7 @@ VALID = {
 
 IMAGES_PER_CLASS = {"cifar10": 5000, "cifar100": 500}  # training split, docs/theory.md §1
 NETWORKS = {"convnet", "resnet18"}
+STOP_MODELS = NETWORKS | {"vmf"}         # the runners that call trainables.stopping
 
 TOP_KEYS = ("experiment", "description", "fixed", "axes", "bundle", "resources", "max_concurrent",
             "tracking_uri", "storage_path", "checkpoint_every", "max_failures", "analysis")
@@ -948,6 +949,11 @@ def _check_members(grid, problems, warnings):
             note(warnings, f"{', '.join(ignored)} not used by optimizer {cfg.get('optimizer') or 'sgd'}", mid)
         if cfg["protocol"] == "fixed_sphere" and cfg["wd"] > 0:
             note(warnings, f"wd {cfg['wd']:g} is ignored on the fixed sphere", mid)
+        if model in NETWORKS and cfg["stop_when"]:
+            try:
+                network_s_key(cfg["stop_when"], cfg["entropy"], DEFAULT_KS)
+            except ValueError as e:
+                note(problems, str(e), mid)
         if cfg.get("stochastic_entropy") and model not in NETWORKS:
             note(warnings, f"stochastic_entropy is computed for network models only; {model} ignores it", mid)
         for spec in cfg["entropy"]:
@@ -956,6 +962,9 @@ def _check_members(grid, problems, warnings):
                                f"within {cfg['iterations']} iterations; no entropy will be logged", mid)
             elif spec.get("evaluate_every"):
                 _check_evaluate_every(cfg, spec, lambda msg: note(warnings, msg, mid))
+    if ("stop_when" in grid.fixed or "stop_when" in grid.axes) and models - STOP_MODELS:
+        problems.append(f"stop_when: members stop early only for models {', '.join(sorted(STOP_MODELS))}; "
+                        f"this grid runs {', '.join(sorted(models - STOP_MODELS))}: remove stop_when")
     for key, model in TOY_KEYS.items():
         if (key in grid.fixed or key in grid.axes) and model not in models:
             where = "fixed" if key in grid.fixed else "axes"

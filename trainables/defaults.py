@@ -33,6 +33,7 @@ MEMBER_DEFAULTS: dict = {
     "beta1": None,
     "beta2": None,
     "adam_eps": None,
+    "stop_when": None,       # trainables.stopping: networks and the vmf toy
 }
 
 
