@@ -102,3 +102,144 @@ def test_vmf_member_stops_leaves_the_batch_and_resumes_exactly():
     plain = VMFRunner(_bundle(None))
     list(plain.run(LocalSink([SPEC], 2, 3, dtype=torch.float64)))
     assert plain.status == ["done", "done"]
+
+
+# ---- network members (trainables.trial.NetworkRunner) ------------------------------------------------
+# ConvNet(c=1) on 30 digits per class at η = 1: chance accuracy, a loss that fluctuates around ~6 from
+# the first log rows on (stationary and noisy), so a loose target stops it within a few hundred steps;
+# η = 0.01 drifts down slowly and must run on.
+
+KNN = {"name": "knn", "window": 20, "stride": 1, "ks": [1, 2, 5, 10]}      # the rule watches k = 10
+NET_STOP = {"u_rel_se": 0.1, "s_se": 2.5, "u_rows": 5, "s_evals": 5}
+
+
+def _net(lr, stop_when=None, **kw):
+    cfg = dict(model="convnet", width=1, dataset="digits", samples_per_label=30, batch_size=64, lr=lr,
+               iterations=600, log_schedule="every:20", running_every=10, num_stoch_grads=2, entropy=[KNN],
+               device="cpu", stop_when=stop_when)
+    cfg.update(kw)
+    return cfg
+
+
+def _train(members):
+    from trainables.trial import NetworkRunner
+    runner = NetworkRunner(members)
+    sink = LocalSink(members[0]["entropy"], len(members), runner.D)
+    return runner, sink, list(runner.run(sink))
+
+
+def _expected_stop(rows, spec, iterations, z_max=3.0):
+    """The first log step at which the rule's conditions hold on these rows, computed here with numpy:
+    U and S (entropy_knn_k10) windows of u_rows / s_evals values, drift |Δmean| ≤ z_max combined
+    standard errors, relative s.e. of U and s.e. of S within the targets; None if never."""
+    def window_ok(x, w, target, relative):
+        if len(x) < 2 * w:
+            return False
+        a, b = np.asarray(x[-2 * w:-w]), np.asarray(x[-w:])
+        se_a, se_b = a.std(ddof=1) / math.sqrt(w), b.std(ddof=1) / math.sqrt(w)
+        if abs(b.mean() - a.mean()) > z_max * math.hypot(se_a, se_b):
+            return False
+        return (se_b / abs(b.mean()) if relative else se_b) <= target
+    U, S = [], []
+    for row in rows:
+        U.append(row["train_loss"])
+        if "entropy_knn_k10" in row:
+            S.append(row["entropy_knn_k10"])
+        if row["iteration"] < iterations and window_ok(U, spec["u_rows"], spec["u_rel_se"], True) \
+                and window_ok(S, spec["s_evals"], spec["s_se"], False):
+            return row["iteration"]
+    return None
+
+
+def _rows(events, k):
+    return [e["rows"][k] for e in events if e["rows"][k] is not None]
+
+
+def _same_rows(stopped, reference):
+    """A stopped member's rows are the reference's (stop statistics aside): stopping never changes the run."""
+    assert len(stopped) <= len(reference)
+    for a, b in zip(stopped, reference):
+        assert {k: v for k, v in a.items() if not k.startswith("stop")} == b
+
+
+def test_solo_network_member_stops_at_the_verdict_of_its_rows():
+    _, _, ref_events = _train([_net(1.0)])
+    reference = _rows(ref_events, 0)
+    expected = _expected_stop(reference, NET_STOP, 600)
+    assert expected is not None and expected < 600          # the setting does stop (else nothing is tested)
+    runner, _, events = _train([_net(1.0, NET_STOP)])
+    rows = _rows(events, 0)
+    assert runner.status == ["stopped"] and events[-1]["status"] == ["stopped"]
+    assert rows[-1]["iteration"] == expected == rows[-1]["stopped_at"] == runner.iteration
+    assert rows[-1]["stop_U_rel_se"] <= 0.1 and rows[-1]["stop_S_se"] <= 2.5
+    assert "stop_r_drift_z" not in rows[-1]          # the fixed sphere's radius is not tested for drift
+    _same_rows(rows, reference)
+
+
+def test_bundled_network_member_stops_and_the_other_runs_on_unchanged():
+    _, _, ref_events = _train([_net(1.0), _net(0.01)])
+    expected = [_expected_stop(_rows(ref_events, k), NET_STOP, 600) for k in range(2)]
+    assert expected[0] is not None and expected[1] is None      # the fast member stops, the slow one not
+    runner, _, events = _train([_net(1.0, NET_STOP), _net(0.01, NET_STOP)])
+    assert runner.status == ["stopped", "done"]
+    fast, slow = _rows(events, 0), _rows(events, 1)
+    assert fast[-1]["iteration"] == expected[0] == fast[-1]["stopped_at"]
+    # parked: no rows and no running rows after its stop, its learning rate masked
+    after = [e for e in events if e["iteration"] > expected[0]]
+    assert after and all(e["rows"][0] is None and not e["running"][0] for e in after)
+    assert runner.lr[0].item() == 0.0 and runner.lr[1].item() == pytest.approx(0.01, rel=1e-6)
+    _same_rows(fast, _rows(ref_events, 0))
+    assert slow == _rows(ref_events, 1) and slow[-1]["iteration"] == 600
+
+
+def test_op_converged_member_is_never_stopped():
+    # ConvNet(c=4) on 3 digits per class fits them: 100 % train accuracy with a falling loss (the papers'
+    # "converged") well before min_iteration; there the loose rule would stop it at once, but it is held
+    kw = dict(width=4, samples_per_label=3, batch_size=16, lr=0.01, iterations=400, entropy=[])
+    loose = {"u_rel_se": 10.0, "drift_z": 1e9, "u_rows": 3, "min_iteration": 200}
+    _, _, ref_events = _train_plain(_net(**kw))
+    ref = _rows(ref_events, 0)
+    converged_at = next(b["iteration"] for a, b in zip(ref, ref[1:])
+                        if b["train_acc"] >= 1.0 and b["train_loss"] < a["train_loss"])
+    assert converged_at < 200
+    runner, _, events = _train_plain(_net(stop_when=loose, **kw))
+    assert runner.regime == ["converged"] and runner.status == ["done"]
+    assert _rows(events, 0)[-1]["iteration"] == 400
+    assert not any("stopped_at" in r for r in _rows(events, 0))
+    # the same rule on a member that is not converged (η = 1, chance accuracy) stops at min_iteration
+    runner, _, events = _train_plain(_net(stop_when=loose, **{**kw, "lr": 1.0}))
+    assert runner.regime == ["training"] and runner.status == ["stopped"]
+    assert _rows(events, 0)[-1]["stopped_at"] == 200
+
+
+def _train_plain(member):
+    from trainables.trial import NetworkRunner
+    runner = NetworkRunner([member])
+    return runner, None, list(runner.run(None))
+
+
+def test_network_checkpoint_before_the_stop_restores_to_the_same_stop():
+    import io
+
+    from trainables.trial import NetworkRunner
+    cfg = _net(1.0, NET_STOP)
+    whole, _, events = _train([cfg])
+    t_stop = _rows(events, 0)[-1]["stopped_at"]
+    first = NetworkRunner([cfg])
+    sink = LocalSink([KNN], 1, first.D)
+    head = []
+    for e in first.run(sink):
+        head.append(e)
+        if e["iteration"] == t_stop - 40:                # two log steps before the stop
+            break
+    buf = io.BytesIO()
+    torch.save({"runner": first.state_dict(), "sink": sink.state_dict()}, buf)
+    state = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    assert state["runner"]["stop"]["hist"][0]["train_loss"]         # the rule's histories travel with it
+    second = NetworkRunner([cfg])
+    second.load_state_dict(state["runner"])
+    sink2 = LocalSink([KNN], 1, second.D)
+    sink2.load_state_dict(state["sink"])
+    rest = list(second.run(sink2))
+    assert head + rest == events
+    assert second.status == ["stopped"] and second.iteration == t_stop
