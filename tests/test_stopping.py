@@ -1,5 +1,6 @@
-"""The stopping rule (trainables.stopping) on series with known statistics, and the vMF bundle that
-lets stopped members leave its batch."""
+"""The stopping rule (trainables.stopping) on series with known statistics, the vMF bundle that
+lets stopped members leave its batch, and network members (trainables.trial) that stop, alone, in a
+bundle and through Ray Tune + MLflow (the session Ray of tests/conftest.py)."""
 import math
 
 import numpy as np
@@ -243,3 +244,51 @@ def test_network_checkpoint_before_the_stop_restores_to_the_same_stop():
     rest = list(second.run(sink2))
     assert head + rest == events
     assert second.status == ["stopped"] and second.iteration == t_stop
+
+
+def test_grid_accepts_stop_when_for_networks_and_explains_what_it_refuses(tmp_path):
+    from engine.config import GridError, load_grid
+    base = {"experiment": "s", "fixed": {"model": "convnet", "iterations": 100, "log_schedule": "every:10",
+                                          "entropy": [KNN]},
+            "axes": {"lr": [0.1, 1.0]}}
+    grid = load_grid({**base, "fixed": {**base["fixed"], "stop_when": {"u_rel_se": 0.01, "s_se": 1.0}}})
+    cfg = grid.members()[0][1]
+    assert cfg["stop_when"]["u_rel_se"] == 0.01 and cfg["stop_when"]["s_key"] is None
+    # s_se without a k-NN entropy: nothing to watch
+    with pytest.raises(GridError, match="stop_when.s_se needs the k-NN entropy"):
+        load_grid({**base, "fixed": {**base["fixed"], "entropy": [], "stop_when": {"s_se": 1.0}}})
+    # the sphere toy's runner cannot stop members
+    with pytest.raises(GridError, match="stop_when: members stop early only for models"):
+        load_grid({"experiment": "t", "fixed": {"model": "sphere_toy", "stop_when": {"u_rel_se": 0.1}},
+                   "axes": {"lr": [0.1, 0.2]}})
+
+
+def test_network_member_stops_through_engine(ray_session, tmp_path, tracking_uri, monkeypatch):
+    """stop_when on a network grid through Ray Tune and MLflow: the η = 1 member stops at the log step
+    the rule's conditions first hold on its logged U and S, tag ``stopped``, run FINISHED; the η = 0.01
+    member runs to the end."""
+    from conftest import REPO, metric_history, mlflow_member_runs
+    from engine.sweep import main
+    monkeypatch.chdir(tmp_path)
+    sets = ["width=1", "samples_per_label=30", "iterations=600", "log_schedule=every:20", "running_every=10",
+            "num_stoch_grads=2", "lr=[1.0, 0.01]", "checkpoint_every=0",
+            "entropy=[{name: knn, window: 20, stride: 1, ks: [1, 2, 5, 10]}]",
+            "stop_when={u_rel_se: 0.1, s_se: 2.5, u_rows: 5, s_evals: 5}"]
+    argv = [str(REPO / "grids" / "demo.yaml"), "--tracking-uri", tracking_uri, "--storage-path",
+            str(tmp_path / "ray_results"), "--verbose", "0"]
+    for x in sets:
+        argv += ["--set", x]
+    assert main(argv) == 0
+    parent, children = mlflow_member_runs(tracking_uri, "demo")
+    by_lr = {float(r.data.params["lr"]): r for r in children.values()}
+    fast, slow = by_lr[1.0], by_lr[0.01]
+    assert fast.data.tags["thermosweep.status"] == "stopped" and fast.info.status == "FINISHED"
+    (step, stopped_at), = metric_history(tracking_uri, fast.info.run_id, "stopped_at")
+    U = dict(metric_history(tracking_uri, fast.info.run_id, "train_loss"))
+    S = dict(metric_history(tracking_uri, fast.info.run_id, "entropy_knn_k10"))
+    rows = [{"iteration": t, "train_loss": u, **({"entropy_knn_k10": S[t]} if t in S else {})}
+            for t, u in sorted(U.items())]
+    assert step == stopped_at == max(U) == _expected_stop(rows, NET_STOP, 600) < 600
+    assert slow.data.tags["thermosweep.status"] == "done"
+    assert metric_history(tracking_uri, slow.info.run_id, "train_loss")[-1][0] == 600
+    assert parent.data.tags["thermosweep.sweep_status"] == "finished"
