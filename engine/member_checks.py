@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from trainables import member, optimizers
 from trainables.runner import bundle_conflicts
+from trainables.stopping import network_s_key
 from trainables.schedule import log_iterations, window_complete
 
 IMAGES_PER_CLASS = {"cifar10": 5000, "cifar100": 500}  # training split, docs/theory.md §1
@@ -57,6 +58,11 @@ def check_members(grid, problems, warnings):
             note(warnings, f"{', '.join(ignored)} not used by optimizer {cfg.get('optimizer') or 'sgd'}", mid)
         if cfg["protocol"] == "fixed_sphere" and cfg["wd"] > 0:
             note(warnings, f"wd {cfg['wd']:g} is ignored on the fixed sphere", mid)
+        if model in member.NETWORKS and cfg["stop_when"]:
+            try:
+                network_s_key(cfg["stop_when"], cfg["entropy"], member.DEFAULT_KS)
+            except ValueError as e:
+                note(problems, str(e), mid)
         if cfg.get("stochastic_entropy") and model not in member.NETWORKS:
             note(warnings, f"stochastic_entropy is computed for network models only; {model} ignores it", mid)
         for spec in cfg["entropy"]:
@@ -65,6 +71,10 @@ def check_members(grid, problems, warnings):
                                f"within {cfg['iterations']} iterations; no entropy will be logged", mid)
             elif spec.get("evaluate_every"):
                 _check_evaluate_every(cfg, spec, lambda msg: note(warnings, msg, mid))
+    stoppable = set(member.STOP_MODELS)
+    if ("stop_when" in grid.fixed or "stop_when" in grid.axes) and models - stoppable:
+        problems.append(f"stop_when: members stop early only for models {', '.join(sorted(stoppable))}; "
+                        f"this grid runs {', '.join(sorted(models - stoppable))}: remove stop_when")
     for key, model in member.toy_keys().items():
         if (key in grid.fixed or key in grid.axes) and model not in models:
             where = "fixed" if key in grid.fixed else "axes"

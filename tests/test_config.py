@@ -46,7 +46,7 @@ SHIPPED = {
     "digits_optimizers.yaml": (3 * 9, {"optimizer": ["sgd", "momentum", "adam"],
                                        "lr": [1e-4 * 10 ** (k / 2) for k in range(9)]}),
 }
-TOY_KEYS = {"sphere_toy": {"setting"}, "vmf": {"dim", "noise", "mu_seed", "stop_when"}}
+TOY_KEYS = {"sphere_toy": {"setting"}, "vmf": {"dim", "noise", "mu_seed"}}
 
 
 def _write(tmp_path, text, name="g.yaml"):

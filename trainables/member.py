@@ -281,6 +281,7 @@ class Key:
 
 NETWORKS = tuple(models.MODELS)
 _NET = NETWORKS
+STOP_MODELS = NETWORKS + ("vmf",)     # the runners that call trainables.stopping
 
 COMMON = (
     Key("model", "convnet", choice("model", lambda: model_names()),
@@ -319,6 +320,8 @@ COMMON = (
     Key("beta1", None, optional(real("beta1", ge=0)), "Adam β1 (none: 0.9)", float, _NET),
     Key("beta2", None, optional(real("beta2", ge=0)), "Adam β2 (none: 0.999)", float, _NET),
     Key("adam_eps", None, optional(real("adam_eps", gt=0)), "Adam ε (none: 1e-8)", float, _NET),
+    Key("stop_when", None, stop_when, "stop a member once its U and S (and r) are known (trainables.stopping)",
+        dict, STOP_MODELS),
 )
 MEMBER_DEFAULTS = {k.name: k.default for k in COMMON if k.default is not ABSENT}
 

@@ -10,6 +10,9 @@ A member stops at a log step when
     a target left out (or null) is not required, but its drift still is when the metric is logged;
   * it is at or after ``min_iteration`` and not held (a member in the OP convergence regime is never
     stopped early: its decay is the measurement; a runner calls ``hold``).
+A network runner feeds its log rows (U: the full-train ``train_loss``, r: ``radius``, S: the k-NN entropy
+the §5 analysis reads, ``network_s_key``); the radius is left out where the protocol fixes it (fixed
+sphere), since a constant has no drift to test.
 Standard errors treat the window's values as independent batch means (each log row averages a whole
 log interval; entropy windows barely overlap), as the toy report does.
 
@@ -23,8 +26,10 @@ from __future__ import annotations
 import math
 
 SPEC_DEFAULTS = {"u_rel_se": None, "s_se": None, "r_rel_se": None, "drift_z": 3.0, "u_rows": 25,
-                 "s_evals": 10, "min_iteration": 0, "s_key": "entropy_kl_sphere"}
+                 "s_evals": 10, "min_iteration": 0, "s_key": None}
+VMF_S_KEY = "entropy_kl_sphere"     # s_key None: the vMF toy watches its KL entropy, networks network_s_key
 _POSITIVE = ("u_rel_se", "s_se", "r_rel_se", "drift_z")
+ANALYSIS_K_MAX = 50     # the §5 analysis reads the k-NN entropy of the largest logged k ≤ 50 (docs/theory.md §5)
 
 
 def check_spec(spec) -> dict | None:
@@ -54,6 +59,23 @@ def check_spec(spec) -> dict | None:
     return out
 
 
+def network_s_key(spec: dict, entropy_specs: list[dict], default_ks: list[int]) -> str | None:
+    """The S a network member's rule watches: ``s_key`` when the grid names it, else the k-NN entropy the
+    §5 analysis uses (largest k ≤ ANALYSIS_K_MAX of the grid's knn spec); None when no knn entropy is
+    evaluated. ValueError when ``s_se`` is asked for but no such S is logged."""
+    if spec["s_key"] is not None:
+        return spec["s_key"]
+    knn = [s for s in entropy_specs or [] if s.get("name") == "knn"]
+    top = min(ANALYSIS_K_MAX, int(knn[0]["window"]) - 1) if knn else 0
+    ks = [k for k in (knn[0].get("ks") or default_ks) if k <= top] if knn else []
+    if ks:
+        return f"entropy_knn_k{max(ks)}"
+    if spec["s_se"] is not None:
+        raise ValueError("stop_when.s_se needs the k-NN entropy the analysis uses: add a knn spec to "
+                         "`entropy` (or name the entropy metric as stop_when.s_key)")
+    return None
+
+
 def mean_se(values):
     """(mean, standard error of the mean) of a list of batch means (ddof 1)."""
     n = len(values)
@@ -79,8 +101,10 @@ class StopRule:
 
     METRICS = ("train_loss", "radius")
 
-    def __init__(self, spec: dict, n_members: int):
+    def __init__(self, spec: dict, n_members: int, default_s_key: str = VMF_S_KEY):
         self.spec = check_spec(spec)
+        if self.spec["s_key"] is None:
+            self.spec["s_key"] = default_s_key
         self.hist = [{"train_loss": [], "radius": [], "S": []} for _ in range(n_members)]
         self.held = [False] * n_members
 

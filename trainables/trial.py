@@ -16,6 +16,11 @@ handful of tensor ops on θ, the running metrics (every ``running_every`` steps)
 and read back together at the next flush, where divergence (a non-finite minibatch loss) is also noticed.
 A diverged member stops: its row is reset to its start and its learning rate masked to zero, the others go
 on. Measurements at log steps use their own generators, so logging never changes the trajectory.
+
+With ``stop_when`` (trainables.stopping) a member whose U, S (and radius) are stationary and precise
+enough stops at that log step (status ``stopped``, the rule's statistics in its last row); a member in the
+OP convergence regime is held (never stopped early). A stopped member is parked like a diverged one (its
+learning rate masked to zero, no more rows); alone, its trial ends.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ from trainables.entropy import knn_graph_entropy
 from trainables.models import FlatBundle, build_bundle, build_model, flatten_si_parameters
 from trainables.runner import bundle_conflicts
 from trainables.schedule import SnapshotPlan, log_iterations
+from trainables.stopping import StopRule, check_spec, network_s_key
 
 FLUSH_EVERY = 20          # running rows buffered on the device before one read-back
 METRIC_SEED_OFFSET = 1_000_003
@@ -180,6 +186,16 @@ class NetworkRunner:
         self._bad = torch.zeros(self.K, dtype=torch.bool, device=self.device)
         self._running: list[tuple[int, torch.Tensor]] = []
         self._pending_running: list[list[dict]] = [[] for _ in range(self.K)]
+        self.stop = self._stop_rule(cfg)
+
+    def _stop_rule(self, cfg) -> StopRule | None:
+        spec = check_spec(cfg["stop_when"])
+        if spec is None:
+            return None
+        # the fixed sphere fixes the radius: a constant has no drift to test (and float noise on it must
+        # not hold a member back), so the rule sees r only where the radius moves
+        self._rule_drops_radius = self.protocol == "fixed_sphere"
+        return StopRule(spec, self.K, default_s_key=network_s_key(spec, cfg["entropy"], DEFAULT_KS))
 
     @staticmethod
     def _dtype(cfg):
@@ -242,17 +258,20 @@ class NetworkRunner:
             self._running = []
         bad = (self._bad | ~torch.isfinite(self.rows).all(dim=1)).cpu().tolist()
         diverged = [k for k in running if bad[k]]
-        self._stop(diverged)
+        for k in diverged:
+            self._park(k, "diverged")
         return diverged
 
-    def _stop(self, members: list[int]) -> None:
-        """Mark members diverged and park them: θ back at its start, learning rate zero (a bundle goes on)."""
-        for k in members:
-            self.status[k] = "diverged"
-            if self.K > 1:
+    def _park(self, k: int, status: str) -> None:
+        """Member k leaves the run with ``status``; in a bundle its learning rate is masked to zero (the
+        others go on) and a diverged member's θ goes back to its start (no NaN left in the batch)."""
+        self.status[k] = status
+        if self.K > 1:
+            with torch.no_grad():
+                self.lr[k] = 0.0
+            if status == "diverged":
                 with torch.no_grad():
                     self.rows[k].copy_(self.theta0[k])
-                    self.lr[k] = 0.0
                     for v in self.opt_state.values():      # no NaN moments left in a parked row
                         if v.dim() == 2:
                             v[k].zero_()
@@ -304,7 +323,22 @@ class NetworkRunner:
             self.regime[k] = "converged"
         self._last_train_loss[k] = row["train_loss"]
 
+    def _consider_stop(self, k: int, t: int, row: dict) -> None:
+        """Feed member k's log row to the stop rule; stop it when the rule's verdict says so (never in the
+        OP convergence regime, never at the last iteration: there it is simply done)."""
+        if self.regime[k] == "converged":
+            self.stop.hold(k)
+        seen = {n: v for n, v in row.items() if not (n == "radius" and self._rule_drops_radius)}
+        self.stop.observe(k, seen)
+        why = self.stop.verdict(k, t) if t < self.iterations else None
+        if why is not None:
+            row.update(why)                 # the statistics that justified the stop
+            self._park(k, "stopped")
+
     def _log_step(self, t: int, sink) -> list[dict | None]:
+        # a restored trial rebuilding its entropy windows (engine.replay) sees no entropy: the rule's
+        # state comes from the checkpoint instead
+        replaying = sink is not None and getattr(sink, "replaying", False)
         self._flush_running()
         rows: list[dict | None] = [None] * self.K
         if "running" in self.status:
@@ -313,10 +347,12 @@ class NetworkRunner:
                 if self.status[k] != "running":
                     continue
                 if not math.isfinite(row["train_loss"]):
-                    self._stop([k])
+                    self._park(k, "diverged")
                     continue
                 rows[k] = row
                 self._update_regime(k, row)
+                if self.stop is not None and not replaying:
+                    self._consider_stop(k, t, row)
         if t >= self.iterations:
             self.status = ["done" if s == "running" else s for s in self.status]
         return rows
@@ -360,6 +396,7 @@ class NetworkRunner:
             "regime": list(self.regime), "last_train_loss": list(self._last_train_loss),
             "pending_running": [list(p) for p in self._pending_running],
             "optimizer": {k: v.cpu() for k, v in optimizers.state_dict(self.opt_state).items()},
+            "stop": self.stop.state_dict() if self.stop is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -381,4 +418,6 @@ class NetworkRunner:
         self._last_train_loss = list(state["last_train_loss"])
         self._pending_running = [list(p) for p in state["pending_running"]]
         optimizers.load_state_dict(self.opt_state, state.get("optimizer", {}))
+        if self.stop is not None and state.get("stop") is not None:
+            self.stop.load_state_dict(state["stop"])
         self._bad.zero_()

@@ -20,7 +20,7 @@ import torch
 from scipy.special import ive
 
 from trainables.defaults import resolve_device
-from trainables.member import Key, check, member_config, real, stop_when, whole
+from trainables.member import Key, check, member_config, real, whole
 from trainables.schedule import SnapshotPlan, log_iterations
 from trainables.stopping import StopRule, check_spec
 
@@ -101,7 +101,6 @@ KEYS = (
     Key("dim", 3, whole("dim", 2), "dimension D of the walker", int),
     Key("noise", 1.0, real("noise", ge=0), "noise scale σ", float),
     Key("mu_seed", 44, whole("mu_seed", 0), "seed of the direction μ", int),
-    Key("stop_when", None, stop_when, "stop a member once U, r and S are known (trainables.stopping)", dict),
 )
 DEFAULTS = {"seed": 42}
 
