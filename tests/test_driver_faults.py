@@ -116,10 +116,11 @@ def _result(member_ids, steps, status):
 
 
 def test_store_that_stays_down_spills_to_a_file_that_replay_writes(tmp_path, server, monkeypatch, capsys):
+    import engine.outbox as outbox
     import engine.tracking as tracking
     from mlflow.tracking import MlflowClient
 
-    monkeypatch.setattr(tracking, "BUFFER_OPS", 3)
+    monkeypatch.setattr(outbox, "BUFFER_OPS", 3)
     members = [("m0000", {"lr": 0.1}), ("m0001", {"lr": 0.2})]
     tr = tracking.MLflowTracker(server.uri, "spill", "grid: text", "g.yaml", members, "spill_1",
                                 spill_dir=str(tmp_path / "state"))
@@ -311,7 +312,8 @@ def test_mlflow_layout_uses_mlflow_conventions(tmp_path, tracking_uri, monkeypat
     submitting machine's git state reaching a driver that runs without .git."""
     from mlflow.tracking import MlflowClient
 
-    from engine.tracking import SOURCE_FILE, MLflowTracker, source_info, source_tags
+    from engine.source import SOURCE_FILE, source_info, source_tags
+    from engine.tracking import MLflowTracker
 
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     submit = tmp_path / "upload"                # what `ray job submit --working-dir .` ships: no .git
