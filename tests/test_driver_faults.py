@@ -219,12 +219,12 @@ print("SUMMARY" + json.dumps(s))
 
 
 def _session_processes(ray_root: Path) -> dict[str, list[int]]:
-    from engine.sweep import _processes_of
-    return {d.name: _processes_of(str(d)) for d in ray_root.glob("session_2*")}
+    from engine.local_ray import processes_of
+    return {d.name: processes_of(str(d)) for d in ray_root.glob("session_2*")}
 
 
 def test_driver_killed_between_tracker_and_tune_resumes_without_rerunning(tmp_path, tracking_uri, ray_tmpdir):
-    from engine.sweep import DRIVER_MARK
+    from engine.local_ray import DRIVER_MARK
     from mlflow.tracking import MlflowClient
     from test_engine import _records
     from trainables.schedule import log_iterations
@@ -277,7 +277,7 @@ def test_driver_killed_between_tracker_and_tune_resumes_without_rerunning(tmp_pa
 def test_next_start_stops_what_a_killed_driver_left(ray_tmpdir, monkeypatch):
     """Where SIGKILL of the driver leaves processes of its local Ray behind (the issue saw Ray's agents),
     the next start stops them: only sessions marked by a driver of ours whose process is gone."""
-    from engine.sweep import DRIVER_MARK, reap_killed_drivers
+    from engine.local_ray import DRIVER_MARK, reap_killed_drivers
 
     monkeypatch.setenv("RAY_TMPDIR", str(ray_tmpdir))
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -357,7 +357,8 @@ def _alive_nodes(address: str, env: dict) -> int:
 def test_storage_that_a_worker_node_cannot_see_is_refused(tmp_path, ray_tmpdir):
     """A two-node Ray on this machine; the worker node runs in its own mount namespace where the head's
     storage directory is covered by an empty tmpfs: exactly what a worker sees of a head-local path."""
-    from engine.sweep import STORAGE_ENV, _processes_of
+    from engine.local_ray import processes_of
+    from engine.preflight import STORAGE_ENV
 
     ray_cli = str(Path(sys.executable).parent / "ray")
     port = free_port()
@@ -403,7 +404,7 @@ def test_storage_that_a_worker_node_cannot_see_is_refused(tmp_path, ray_tmpdir):
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait()
         for d in (ray_tmpdir / "ray").glob("session_2*"):                # this test's Ray, nothing else
-            for pid in _processes_of(str(d)):
+            for pid in processes_of(str(d)):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -415,7 +416,7 @@ def test_storage_that_a_worker_node_cannot_see_is_refused(tmp_path, ray_tmpdir):
 def test_sigterm_stops_the_sweep_like_ctrl_c_and_closes_what_it_started(tmp_path, ray_tmpdir):
     from mlflow.tracking import MlflowClient
 
-    from engine.sweep import _processes_of
+    from engine.local_ray import processes_of
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     args = [sys.executable, "-m", "engine.sweep", str(DEMO), "--num-cpus", "1", "--num-gpus", "0", "--verbose", "0",
@@ -449,6 +450,6 @@ def test_sigterm_stops_the_sweep_like_ctrl_c_and_closes_what_it_started(tmp_path
     member = c.get_run(runs["m0000"].info.run_id)
     assert member.info.status == "KILLED" and member.data.tags["thermosweep.status"] == "running"
     deadline = time.monotonic() + 60
-    while any(_processes_of(str(d)) for d in sessions):          # Ray's shutdown ends its processes
-        assert time.monotonic() < deadline, [_processes_of(str(d)) for d in sessions]
+    while any(processes_of(str(d)) for d in sessions):          # Ray's shutdown ends its processes
+        assert time.monotonic() < deadline, [processes_of(str(d)) for d in sessions]
         time.sleep(0.5)
