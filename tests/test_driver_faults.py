@@ -24,6 +24,7 @@ from ray.tune import Callback
 
 from benchmarks.faults import MlflowServer, free_port
 from conftest import REPO, metric_history, mlflow_member_runs, repo_env
+from engine import layout
 
 DEMO = REPO / "grids" / "demo.yaml"
 KNN = "entropy=[{name: knn, window: 20, stride: 1, ks: [1, 5, 19]}]"
@@ -103,9 +104,9 @@ def test_tracking_outage_only_delays(ray_session, tmp_path, tracking_uri, server
             assert steps == sorted(set(steps)), f"{mid} {name}: duplicate steps"
             assert actual[name] == expected[name], f"{mid} {name}"
         run = c.get_run(got[mid].info.run_id)
-        assert run.info.status == "FINISHED" and run.data.tags["thermosweep.status"] == "done"
+        assert run.info.status == "FINISHED" and run.data.tags[layout.TAG_STATUS] == "done"
     assert c.get_run(parent.info.run_id).info.status == "FINISHED"
-    assert c.get_run(parent.info.run_id).data.tags["thermosweep.sweep_status"] == "finished"
+    assert c.get_run(parent.info.run_id).data.tags[layout.TAG_SWEEP_STATUS] == "finished"
 
 
 def _result(member_ids, steps, status):
@@ -152,7 +153,7 @@ def test_store_that_stays_down_spills_to_a_file_that_replay_writes(tmp_path, ser
         assert metric_history(server.uri, runs[mid].info.run_id, "train_loss") == \
             [(t, 1.0 / t + i) for t in range(10, 71, 10)]
         run = c.get_run(runs[mid].info.run_id)
-        assert run.info.status == "FINISHED" and run.data.tags["thermosweep.status"] == "done"
+        assert run.info.status == "FINISHED" and run.data.tags[layout.TAG_STATUS] == "done"
     assert c.get_run(parent.info.run_id).info.status == "FINISHED"
 
 
@@ -246,7 +247,7 @@ def test_driver_killed_between_tracker_and_tune_resumes_without_rerunning(tmp_pa
 
     # the seam: MLflow has closed t001's member, Tune's saved state has not finished the trial
     _, children = mlflow_member_runs(tracking_uri, "seam")
-    assert children["m0001"].data.tags["thermosweep.status"] == "done"
+    assert children["m0001"].data.tags[layout.TAG_STATUS] == "done"
     started_before = [r["trial_id"] for r in _records(rec)]
     assert started_before == ["t000", "t001"], started_before
     series_before = metric_history(tracking_uri, children["m0001"].info.run_id, "train_loss")
@@ -267,11 +268,11 @@ def test_driver_killed_between_tracker_and_tune_resumes_without_rerunning(tmp_pa
     steps = log_iterations("every:10", 60)
     for mid, run in children.items():
         run = c.get_run(run.info.run_id)
-        assert run.info.status == "FINISHED" and run.data.tags["thermosweep.status"] == "done", mid
+        assert run.info.status == "FINISHED" and run.data.tags[layout.TAG_STATUS] == "done", mid
         assert [s for s, _ in metric_history(tracking_uri, run.info.run_id, "train_loss")] == steps, mid
     assert metric_history(tracking_uri, children["m0001"].info.run_id, "train_loss") == series_before
     assert c.get_run(parent.info.run_id).info.status == "FINISHED"
-    assert c.get_run(parent.info.run_id).data.tags["thermosweep.sweep_status"] == "finished"
+    assert c.get_run(parent.info.run_id).data.tags[layout.TAG_SWEEP_STATUS] == "finished"
 
 
 def test_next_start_stops_what_a_killed_driver_left(ray_tmpdir, monkeypatch):
@@ -446,9 +447,9 @@ def test_sigterm_stops_the_sweep_like_ctrl_c_and_closes_what_it_started(tmp_path
     parent, runs = mlflow_member_runs(uri, "term")
     c = MlflowClient(tracking_uri=uri)
     assert c.get_run(parent.info.run_id).info.status == "KILLED"
-    assert c.get_run(parent.info.run_id).data.tags["thermosweep.sweep_status"] == "interrupted"
+    assert c.get_run(parent.info.run_id).data.tags[layout.TAG_SWEEP_STATUS] == "interrupted"
     member = c.get_run(runs["m0000"].info.run_id)
-    assert member.info.status == "KILLED" and member.data.tags["thermosweep.status"] == "running"
+    assert member.info.status == "KILLED" and member.data.tags[layout.TAG_STATUS] == "running"
     deadline = time.monotonic() + 60
     while any(processes_of(str(d)) for d in sessions):          # Ray's shutdown ends its processes
         assert time.monotonic() < deadline, [processes_of(str(d)) for d in sessions]
