@@ -11,25 +11,24 @@ again, running ones continue from their last checkpoint.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import logging
 import os
 import signal
 import sys
 import threading
+from datetime import datetime
 from pathlib import Path
 
 from engine import layout, plan
 from engine.config import GridError, check_resources, load_grid
+from engine.local_ray import start_local_ray
 from engine.preflight import (STORAGE_ENV, check_address, check_datasets, check_experiment, check_storage,
                               check_storage_on_nodes, check_tracking_uri)
-from engine.local_ray import start_local_ray
 from engine.resume import find_sweep_dir
 from trainables.runner import ENDED, FINAL
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_STORAGE = "ray_results"
-DRIVER_MARK = "thermosweep_driver.json"           # in the session directory of a local Ray we started
 
 
 def _sigterm_as_interrupt(signum, frame):
@@ -140,7 +139,7 @@ def run_sweep(grid, *, address=None, tracking_uri=DEFAULT_TRACKING_URI, storage_
         from engine.resume import restore_tuner
         tuner, sweep_id = restore_tuner(storage, grid, resume, tracking_uri, trainable)
     else:
-        sweep_id = f"{grid.experiment}_{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        sweep_id = f"{grid.experiment}_{datetime.now().strftime('%Y%m%d-%H%M%S')}"
         tracker = _tracker(grid, tracking_uri, sweep_id, storage, trials, members)
         tuner = _new_tuner(grid, trainable, trials, sweep_id, storage, [tracker, *_callbacks],
                            max_concurrent or grid.max_concurrent, verbose, _fault_kill_at)
@@ -258,6 +257,7 @@ def _fit(tuner, entropy: bool):
             signal.signal(signal.SIGTERM, previous)
         shutdown_reservoirs()
 
+
 def summarise(results, tracking_uri, sweep_id, sweep_dir, experiment, member_ids, final=None) -> dict:
     """Member counts by final status. Every member of the grid is counted: Tune creates grid trials
     lazily, so after an interruption ``results`` may lack trials that never started; those members,
@@ -265,24 +265,23 @@ def summarise(results, tracking_uri, sweep_id, sweep_dir, experiment, member_ids
     members whose trial Tune did not run again because MLflow had closed them (skip_finished_trials)."""
     counts = dict.fromkeys(FINAL + ("unfinished",), 0)
     seen: set = set()
-    for r in results:
-        metrics = r.metrics or {}
-        trial = (r.config or {}).get("trial") or {}
-        ids = metrics.get("member_ids") or [mid for mid, _ in trial.get("members", [])]
-        status = metrics.get("status")
-        if r.error is not None:
+    for result in results:
+        metrics = result.metrics or {}
+        trial = (result.config or {}).get("trial") or {}
+        ids = metrics.get("member_ids") or [member_id for member_id, _ in trial.get("members", [])]
+        if result.error is not None:
             counts["failed"] += len(ids)
             seen.update(ids)
             continue
-        for mid, s in zip(ids, status or []):
-            if s in FINAL:
-                counts[s] += 1
-                seen.add(mid)
-    for mid in set(member_ids) - seen:
-        s = (final or {}).get(mid)
-        if s in ENDED:
-            counts[s] += 1
-            seen.add(mid)
+        for member_id, status in zip(ids, metrics.get("status") or []):
+            if status in FINAL:
+                counts[status] += 1
+                seen.add(member_id)
+    for member_id in set(member_ids) - seen:
+        status = (final or {}).get(member_id)
+        if status in ENDED:
+            counts[status] += 1
+            seen.add(member_id)
     counts["unfinished"] += len(set(member_ids) - seen)
     return {"sweep_id": sweep_id, "sweep_dir": str(sweep_dir), "tracking_uri": tracking_uri,
             "experiment": experiment, "members": counts}
