@@ -262,7 +262,7 @@ def summarise(results, tracking_uri, sweep_id, sweep_dir, experiment, member_ids
     """Member counts by final status. Every member of the grid is counted: Tune creates grid trials
     lazily, so after an interruption ``results`` may lack trials that never started; those members,
     like any without a final status, are unfinished. ``final`` (member id -> status in MLflow) counts
-    members whose trial Tune did not run again because MLflow had closed them (skip_finished_trials)."""
+    members whose trial Tune did not run again because MLflow had closed them (engine.resume)."""
     counts = dict.fromkeys(FINAL + ("unfinished",), 0)
     seen: set = set()
     for result in results:
