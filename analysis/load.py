@@ -1,4 +1,4 @@
-"""Read one sweep back from MLflow (docs/DESIGN.md "MLflow layout").
+"""Read one sweep back from MLflow (its layout: engine.layout, docs/DESIGN.md "MLflow layout").
 
     sweep = load_experiment("demo")                      # newest parent run of the experiment
     sweep.members      # one row per member run (index run_id): params, D, status, regime, flags
@@ -22,24 +22,15 @@ Stationary value (docs/theory.md §3): mean over the last W logs of each metric,
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
+from engine import layout
 from trainables.schedule import FREE_ENERGY_POINTS, point_count
 
-ROLE_TAG = "thermosweep.role"
-STATUS_TAG = "thermosweep.status"
-REGIME_TAG = "thermosweep.regime"
-PARENT_TAG = "mlflow.parentRunId"
-RUNNING_PREFIX = "running/"
-
-FLOAT_KEYS = {"lr", "wd", "radius", "noise", "momentum", "beta1", "beta2", "adam_eps"}
-INT_KEYS = {"width", "batch_size", "iterations", "seed", "init_seed", "head_seed", "data_seed",
-            "running_every", "num_stoch_grads", "samples_per_label", "D", "dim", "mu_seed"}
 BAD_STATUS = {"diverged", "failed"}
 WINDOW_IDEAL_GAS, WINDOW_DEFAULT = 30, 50
 _CHUNK = 500      # run ids per bulk query (keeps SQLite's bound-parameter count small)
@@ -68,28 +59,7 @@ class Sweep:
 
 
 # -----------------------------------------------------------------------------
-# params
-
-def parse_param(key, text):
-    """An MLflow param string back to its value: JSON (numbers, lists, dicts, null), Python's
-    None/True/False, else the string. Known float/int keys are coerced (``lr`` = "1" → 1.0)."""
-    if text is None:
-        return None
-    try:
-        v = json.loads(text)
-    except (ValueError, TypeError):
-        v = {"None": None, "True": True, "False": False}.get(text, text)
-    if v is not None and not isinstance(v, bool):
-        try:
-            if key in FLOAT_KEYS:
-                v = float(v)
-            elif key in INT_KEYS:
-                f = float(v)
-                v = int(f) if f.is_integer() else f
-        except (TypeError, ValueError):
-            pass
-    return v
-
+# windows
 
 def default_window(log_schedule):
     """W of docs/theory.md §3: 30 for the ideal-gas schedule, 50 for the free-energy one (50 of its 193
@@ -227,67 +197,99 @@ def load_experiment(experiment, tracking_uri=None, stationary_window=None, paren
     client = _client(tracking_uri)
     exp = _find_experiment(client, experiment)
     notes = []
+    parent = _parent_run(client, exp, experiment, parent_run)
+    runs = _member_runs(client, exp, experiment, parent, notes)
+    members = _members_frame(runs)
 
-    parent = None
-    if parent_run is not None:
-        try:
-            run = client.get_run(parent_run)
-        except Exception as e:                     # mlflow raises MlflowException
-            raise SweepNotFound(f"parent run {parent_run!r} not found: {e}") from None
-        if run.info.experiment_id != exp.experiment_id:
-            raise SweepNotFound(f"run {parent_run} belongs to experiment {run.info.experiment_id}, "
-                                f"not {experiment!r}")
-    else:
+    # metric histories: the keys each run has (its latest-value metrics)
+    def wanted(key):
+        return key != "iteration" and (load_running or not layout.is_running_metric(key))
+    long = _fetch_histories(client, {r.info.run_id: [k for k in sorted(r.data.metrics) if wanted(k)]
+                                     for r in runs})
+    is_running = long["key"].str.startswith(layout.RUNNING_PREFIX)
+    series = _pivot(long[~is_running])
+    running = _pivot(long[is_running].assign(key=lambda d: d["key"].str[len(layout.RUNNING_PREFIX):]))
+
+    excluded = _exclusions(members, series, long)
+    windows = _windows(members, stationary_window)
+    keep = {r: w for r, w in windows.items() if r not in excluded}
+    stationary = stationary_means(series, keep) if keep else pd.DataFrame(
+        index=pd.Index([], name="run_id"))
+    n_run = int(members["running"].sum())
+    if n_run:
+        notes.append(f"{n_run} member(s) still running: their stationary values are provisional")
+    members["excluded"] = [excluded.get(r, "") for r in members.index]
+    return Sweep(experiment=experiment, experiment_id=exp.experiment_id, tracking_uri=tracking_uri,
+                 parent=_parent_dict(parent), members=members, series=series, running=running,
+                 stationary=stationary, excluded=excluded, notes=notes)
+
+
+def _parent_run(client, exp, experiment, parent_run):
+    """The parent run asked for (checked to belong to ``experiment``), else the newest one, else None."""
+    if parent_run is None:
         found = client.search_runs([exp.experiment_id],
-                                   filter_string=f"tags.`{ROLE_TAG}` = 'sweep'",
+                                   filter_string=layout.tags_equal({layout.TAG_ROLE: layout.ROLE_SWEEP}),
                                    order_by=["attributes.start_time DESC"], max_results=1)
-        run = found[0] if found else None
-    if run is not None:
-        parent = {"run_id": run.info.run_id, "status": run.info.status,
-                  "start_time": run.info.start_time, "tags": dict(run.data.tags),
-                  "params": dict(run.data.params)}
-        runs = _search_all(client, exp.experiment_id, f"tags.`{PARENT_TAG}` = '{run.info.run_id}'")
-        runs = [r for r in runs if r.data.tags.get(ROLE_TAG, "member") == "member"]
-    else:
-        notes.append(f"no parent run tagged {ROLE_TAG}=sweep in {experiment!r}; "
-                     "using every member run of the experiment")
-        runs = _search_all(client, exp.experiment_id, f"tags.`{ROLE_TAG}` = 'member'")
-    if not runs:
-        where = f"parent run {parent['run_id']}" if parent else f"experiment {experiment!r}"
-        raise SweepNotFound(f"{where} has no member runs (tag {ROLE_TAG}=member); "
-                            "has the sweep started logging?")
+        return found[0] if found else None
+    try:
+        run = client.get_run(parent_run)
+    except Exception as e:                     # mlflow raises MlflowException
+        raise SweepNotFound(f"parent run {parent_run!r} not found: {e}") from None
+    if run.info.experiment_id != exp.experiment_id:
+        raise SweepNotFound(f"run {parent_run} belongs to experiment {run.info.experiment_id}, "
+                            f"not {experiment!r}")
+    return run
 
-    # members
+
+def _parent_dict(run):
+    if run is None:
+        return None
+    return {"run_id": run.info.run_id, "status": run.info.status, "start_time": run.info.start_time,
+            "tags": dict(run.data.tags), "params": dict(run.data.params)}
+
+
+def _member_runs(client, exp, experiment, parent, notes):
+    """The member runs of ``parent``, or with no parent every member run of the experiment (noted)."""
+    if parent is not None:
+        runs = _search_all(client, exp.experiment_id,
+                           layout.tags_equal({layout.TAG_PARENT_RUN: parent.info.run_id}))
+        runs = [r for r in runs if r.data.tags.get(layout.TAG_ROLE, layout.ROLE_MEMBER) == layout.ROLE_MEMBER]
+    else:
+        notes.append(f"no parent run tagged {layout.TAG_ROLE}={layout.ROLE_SWEEP} in {experiment!r}; "
+                     "using every member run of the experiment")
+        runs = _search_all(client, exp.experiment_id, layout.tags_equal({layout.TAG_ROLE: layout.ROLE_MEMBER}))
+    if not runs:
+        where = f"parent run {parent.info.run_id}" if parent else f"experiment {experiment!r}"
+        raise SweepNotFound(f"{where} has no member runs (tag {layout.TAG_ROLE}={layout.ROLE_MEMBER}); "
+                            "has the sweep started logging?")
+    return runs
+
+
+def _members_frame(runs):
+    """One row per member run (index run_id): its decoded params, status, regime and ``running``."""
     rows = []
     for r in runs:
         row = {"run_id": r.info.run_id, "run_name": r.info.run_name,
                "mlflow_status": r.info.status}
-        row.update({k: parse_param(k, v) for k, v in r.data.params.items()})
-        tag_status = r.data.tags.get(STATUS_TAG)
+        row.update({k: layout.decode_param(k, v) for k, v in r.data.params.items()})
+        tag_status = r.data.tags.get(layout.TAG_STATUS)
         if tag_status is None:
             tag_status = {"RUNNING": "running", "FINISHED": "done", "SCHEDULED": "running"}.get(
                 r.info.status, "failed")
         row["status"] = tag_status
-        row["regime"] = r.data.tags.get(REGIME_TAG)
+        row["regime"] = r.data.tags.get(layout.TAG_REGIME)
         row["running"] = tag_status in ("running", "pending") or r.info.status == "RUNNING"
         rows.append(row)
     members = pd.DataFrame(rows).set_index("run_id")
     if "lr" in members:
         members = members.sort_values("lr", kind="stable")
-    run_ids = list(members.index)
+    return members
 
-    # metric histories: the keys each run has (its latest-value metrics)
-    def wanted(k):
-        return k != "iteration" and (load_running or not k.startswith(RUNNING_PREFIX))
-    long = _fetch_histories(client, {r.info.run_id: [k for k in sorted(r.data.metrics) if wanted(k)]
-                                     for r in runs})
-    is_run = long["key"].str.startswith(RUNNING_PREFIX)
-    series = _pivot(long[~is_run])
-    running = _pivot(long[is_run].assign(key=lambda d: d["key"].str[len(RUNNING_PREFIX):]))
+
+def _exclusions(members, series, long):
+    """run_id → why the member has no stationary values (bad status or regime, no logs, diverged)."""
     loss = long[long["key"] == "train_loss"]
     nonfinite = set(loss.loc[~np.isfinite(loss["value"].astype(float)), "run_id"])
-
-    # exclusions and stationary values
     excluded = {}
     has_rows = set(series["run_id"]) if not series.empty else set()
     for rid, m in members.iterrows():
@@ -299,18 +301,12 @@ def load_experiment(experiment, tracking_uri=None, stationary_window=None, paren
             excluded[rid] = "no log metrics"
         elif rid in nonfinite:
             excluded[rid] = "non-finite train_loss logged (diverged)"
+    return excluded
+
+
+def _windows(members, stationary_window):
+    """run_id → W: ``stationary_window`` for all, else each member's ``default_window``."""
     if stationary_window is not None:
-        windows = {r: int(stationary_window) for r in run_ids}
-    else:
-        sched = members["log_schedule"] if "log_schedule" in members else pd.Series(dtype=object)
-        windows = {r: default_window(sched.get(r, "free_energy")) for r in run_ids}
-    keep = {r: w for r, w in windows.items() if r not in excluded}
-    stationary = stationary_means(series, keep) if keep else pd.DataFrame(
-        index=pd.Index([], name="run_id"))
-    n_run = int(members["running"].sum())
-    if n_run:
-        notes.append(f"{n_run} member(s) still running: their stationary values are provisional")
-    members["excluded"] = [excluded.get(r, "") for r in members.index]
-    return Sweep(experiment=experiment, experiment_id=exp.experiment_id, tracking_uri=tracking_uri,
-                 parent=parent, members=members, series=series, running=running,
-                 stationary=stationary, excluded=excluded, notes=notes)
+        return {r: int(stationary_window) for r in members.index}
+    sched = members["log_schedule"] if "log_schedule" in members else pd.Series(dtype=object)
+    return {r: default_window(sched.get(r, "free_energy")) for r in members.index}

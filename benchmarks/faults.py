@@ -80,10 +80,12 @@ def member_histories(uri: str, experiment: str) -> tuple[dict, dict]:
     """({metric: [(step, value)]}, tags) of the single member run of ``experiment``."""
     from mlflow.tracking import MlflowClient
 
+    from engine import layout
+
     c = MlflowClient(tracking_uri=uri)
     exp = c.get_experiment_by_name(experiment)
     runs = [r for r in c.search_runs([exp.experiment_id], max_results=100)
-            if r.data.tags.get("thermosweep.role") == "member"]
+            if r.data.tags.get(layout.TAG_ROLE) == layout.ROLE_MEMBER]
     assert len(runs) == 1, f"{experiment}: expected one member run, found {len(runs)}"
     run = runs[0]
     hist = {name: sorted(((m.step, m.value) for m in c.get_metric_history(run.info.run_id, name)),
@@ -226,11 +228,14 @@ def free_port() -> int:
 
 def _has_metrics(uri: str, experiment: str) -> bool:
     from mlflow.tracking import MlflowClient
+
+    from engine import layout
+
     try:
         c = MlflowClient(tracking_uri=uri)
         exp = c.get_experiment_by_name(experiment)
         return exp is not None and any(r.data.metrics for r in c.search_runs([exp.experiment_id], max_results=10)
-                                       if r.data.tags.get("thermosweep.role") == "member")
+                                       if r.data.tags.get(layout.TAG_ROLE) == layout.ROLE_MEMBER)
     except Exception:        # noqa: BLE001 - the server is starting or busy: ask again
         return False
 
@@ -274,8 +279,10 @@ def run_tracking_outage(experiment: str, work: str, iterations: int, ray_tmp: st
 
 def row(case: str, injected: str, outcome: str, clean: dict, hist: dict, tags: dict) -> dict:
     """One line of the fault table: the fault's run compared with the undisturbed one."""
+    from engine import layout
+
     d = compare(clean, hist)
-    return {"case": case, "injected": injected, "outcome": f"{outcome}; status {tags.get('thermosweep.status')}",
+    return {"case": case, "injected": injected, "outcome": f"{outcome}; status {tags.get(layout.TAG_STATUS)}",
             "train": "y" if not d["train"] else f"n {d['train']}",
             "entropy": "y" if not d["entropy"] else f"n {d['entropy']}",
             "dup": "n" if not d["duplicates"] else f"y {d['duplicates']}"}

@@ -37,9 +37,9 @@ class AnchorPlan:
         plan = SnapshotPlan(log_iters, member.get("entropy") or [])
         per_spec = []
         for spec, steps in zip(plan.specs, plan.eval_steps):
-            n, s = int(spec["window"]), int(spec.get("stride", 1))
+            window, stride = int(spec["window"]), int(spec.get("stride", 1))
             evals = sorted(steps)
-            per_spec.append((evals, [window_iterations(e, n, s)[0] for e in evals]))
+            per_spec.append((evals, [window_iterations(e, window, stride)[0] for e in evals]))
         self.anchor: dict[int, int | None] = {}
         for c in checkpoint_steps(log_iters, int(checkpoint_every)):
             firsts = [first[bisect.bisect_right(evals, c)] for evals, first in per_spec

@@ -11,84 +11,24 @@ again, running ones continue from their last checkpoint.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import logging
 import os
 import signal
 import sys
 import threading
+from datetime import datetime
 from pathlib import Path
 
+from engine import layout, plan
 from engine.grid import GridError, check_resources, load_grid
-from trainables.runner import ENDED, FINAL
-from engine import plan
+from engine.local_ray import start_local_ray
 from engine.preflight import (STORAGE_ENV, check_address, check_datasets, check_experiment, check_storage,
                               check_storage_on_nodes, check_tracking_uri)
+from engine.resume import find_sweep_dir
+from trainables.runner import ENDED, FINAL
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_STORAGE = "ray_results"
-DRIVER_MARK = "thermosweep_driver.json"           # in the session directory of a local Ray we started
-
-
-# ---------------------------------------------------------------------------- what a killed driver left
-
-def _alive(pid) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, TypeError, ValueError):
-        return True
-    return True
-
-
-def _processes_of(session_dir: str) -> list[int]:
-    """Processes whose command line names ``session_dir`` (every process of that local Ray does)."""
-    out = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if any(session_dir + end in text + " " for end in ("/", " ", "=")):
-            out.append(int(cmdline.parent.name))
-    return [p for p in out if p != os.getpid()]
-
-
-def reap_killed_drivers() -> list[int]:
-    """Stop the processes of local Rays whose sweep driver was killed (SIGKILL leaves Ray's agents
-    running). Only sessions marked by a driver of ours whose process is gone are touched."""
-    from ray._common.utils import get_default_ray_temp_dir
-    reaped = []
-    for mark in Path(get_default_ray_temp_dir()).glob(f"session_*/{DRIVER_MARK}"):
-        if mark.parent.is_symlink():          # session_latest
-            continue
-        try:
-            owner = json.loads(mark.read_text()).get("pid")
-        except (OSError, ValueError):
-            continue
-        if _alive(owner):
-            continue
-        pids = _processes_of(str(mark.parent))
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        mark.unlink(missing_ok=True)
-        reaped += pids
-        if pids:
-            print(f"cleaned up {len(pids)} process(es) of the local Ray left by a killed driver (pid {owner}, "
-                  f"{mark.parent.name})", file=sys.stderr)
-    return reaped
-
-
-def _mark_session() -> None:
-    import ray._private.worker as worker
-    node = worker._global_node
-    if node is not None:
-        Path(node.get_session_dir_path(), DRIVER_MARK).write_text(json.dumps({"pid": os.getpid()}))
 
 
 def _sigterm_as_interrupt(signum, frame):
@@ -158,20 +98,6 @@ def check_inputs(grid, *, tracking_uri, storage, address=None, resume=None,
     return problems + data_problems, notes
 
 
-def find_sweep_dir(storage: Path, experiment: str, wanted: str) -> Path:
-    if wanted != "latest":
-        path = Path(wanted).resolve()
-        if not (path / "tuner.pkl").exists():
-            raise FileNotFoundError(f"--resume {wanted}: no Tune sweep state (tuner.pkl) in {path}")
-        return path
-    candidates = sorted((p for p in storage.glob(f"{experiment}_*") if (p / "tuner.pkl").exists()),
-                        key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise FileNotFoundError(f"--resume: no earlier sweep of experiment '{experiment}' under {storage}; "
-                                "run without --resume to start one")
-    return candidates[-1]
-
-
 def check_start(grid, address=None, num_cpus=None, num_gpus=None, cluster_yaml=None) -> None:
     """The start-up resource check (raises GridError): before a local Ray starts, against this machine;
     once connected to a cluster, against its nodes and the node types its autoscaler can add."""
@@ -192,53 +118,6 @@ def check_start(grid, address=None, num_cpus=None, num_gpus=None, cluster_yaml=N
         raise GridError(problems, grid.path)
 
 
-def skip_finished_trials(sweep_dir: Path, closed: set[str]) -> list[str]:
-    """Mark as TERMINATED, in Tune's newest saved state, every trial whose members MLflow has all closed.
-
-    Tune saves its trial states on its own schedule; the tracker closes a member as soon as its last
-    result arrives. A driver stopped between the two leaves a finished trial that Tune would start again
-    on ``--resume``; this runs before ``Tuner.restore`` so that it does not. The grid searcher's saved
-    count of live trials is brought in line (else it would wait for the skipped trial forever).
-    Returns our ids of the trials marked now."""
-    states = sorted(sweep_dir.glob("experiment_state-*.json"))    # Tune restores the newest (max name)
-    if not states:
-        return []
-    data = json.loads(states[-1].read_text())
-    marked, ended = [], set()
-    for entry in data["trial_data"]:
-        state = json.loads(entry[0])
-        trial = state["config"]["trial"]
-        ids = [m for m, _ in trial["members"]]
-        if state["status"] != "TERMINATED" and ids and all(m in closed for m in ids):
-            state["status"] = "TERMINATED"
-            entry[0] = json.dumps(state, indent=2)
-            marked.append(trial["trial_id"])
-        if state["status"] in ("TERMINATED", "ERROR"):
-            ended.add(state["trial_id"])
-    if marked:
-        tmp = states[-1].with_suffix(".tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, states[-1])
-    _release_from_searcher(sweep_dir, ended)
-    return marked
-
-
-def _release_from_searcher(sweep_dir: Path, ended: set[str]) -> None:
-    """Drop ended trials (Tune's ids) from the saved grid searcher's live set, which caps concurrency."""
-    import ray.cloudpickle as cloudpickle
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-    from ray.tune.utils.util import _atomic_save
-    files = sorted(sweep_dir.glob(BasicVariantGenerator.CKPT_FILE_TMPL.format("*")),
-                   key=lambda p: p.stat().st_mtime)                 # Tune restores the newest file
-    if not files:
-        return
-    state = cloudpickle.loads(files[-1].read_bytes())
-    live = state.get("_live_trials") if isinstance(state, dict) else None
-    if live and live & ended:
-        live.difference_update(ended)
-        _atomic_save(state, str(sweep_dir), files[-1].name, f"tmp-{files[-1].name}")
-
-
 def run_sweep(grid, *, address=None, tracking_uri=DEFAULT_TRACKING_URI, storage_path=None, resume=None,
               max_concurrent=None, num_cpus=None, num_gpus=None, verbose=1, _fault_kill_at=None,
               cluster_yaml=None, _checked=False, _callbacks=()):
@@ -250,91 +129,119 @@ def run_sweep(grid, *, address=None, tracking_uri=DEFAULT_TRACKING_URI, storage_
         problems, _ = check_inputs(grid, tracking_uri=tracking_uri, storage=where, address=address, resume=resume)
         if problems:
             raise GridError(problems, grid.path)
+    _quiet_tune()
+    _connect(grid, address, num_cpus, num_gpus, cluster_yaml)
+    storage = _storage(where, grid, address, resume)
+    trainable = _trainable(grid)
+    trials = grid.trials()
+    members = [m for trial in trials for m in trial["members"]]
+    if resume:
+        from engine.resume import restore_tuner
+        tuner, sweep_id = restore_tuner(storage, grid, resume, tracking_uri, trainable)
+    else:
+        sweep_id = f"{grid.experiment}_{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        tracker = _tracker(grid, tracking_uri, sweep_id, storage, trials, members)
+        tuner = _new_tuner(grid, trainable, trials, sweep_id, storage, [tracker, *_callbacks],
+                           max_concurrent or grid.max_concurrent, verbose, _fault_kill_at)
+    results = _fit(tuner, entropy=any(config.get("entropy") for _, config in members))
+    try:
+        from engine.tracking import member_statuses
+        final = member_statuses(tracking_uri, grid.experiment, sweep_id)
+    except Exception:       # noqa: BLE001 - store still away: Tune's own record alone then
+        final = {}
+    return summarise(results, tracking_uri, sweep_id, f"{storage}/{sweep_id}", grid.experiment,
+                     [member_id for member_id, _ in members], final)
+
+
+def _quiet_tune() -> None:
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")   # MLflow is our only logger
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")                  # the table reporter below
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")                  # the table reporter of _new_tuner
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+
+
+def _connect(grid, address, num_cpus, num_gpus, cluster_yaml) -> None:
+    """Join the cluster at ``address`` or start a local Ray (unless Ray runs already), checking before
+    and after that the grid's trials fit."""
     import ray
-    from ray import tune
-
-    from engine.reservoir import get_reservoir, shutdown_reservoirs
-    from engine.tracking import MLflowTracker, member_statuses, source_info, source_tags
-    from engine.trainable import train_bundle
-
     if not ray.is_initialized():
         check_start(grid, address, num_cpus, num_gpus)         # a local Ray: this machine, before starting
         if address:
             ray.init(address=address)      # check_address saw it answer; Ray's own errors are clear from here
         else:
-            # "local": a fresh Ray of our own, never one that a crashed earlier `ray start` left behind
-            reap_killed_drivers()
-            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False)
-            _mark_session()
+            start_local_ray(num_cpus, num_gpus)
     check_start(grid, cluster_yaml=cluster_yaml)                # what the running cluster offers
 
+
+def _storage(where: str, grid, address, resume):
+    """Where Tune keeps the sweep's state: a URI as given, else a directory made absolute and created
+    (on a cluster of several nodes it must be one they all see)."""
+    import ray
     if "://" in str(where):             # e.g. s3://bucket/sweeps: Tune handles it, resume needs a path
         if resume:
             raise FileNotFoundError("--resume needs a local or shared-filesystem --storage-path; "
                                     "with a URI, restore with ray.tune.Tuner.restore(URI, ...) directly")
-        storage = where
-    else:
-        storage = Path(where).resolve()
-        storage.mkdir(parents=True, exist_ok=True)
-        if address and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
-            problems = check_storage_on_nodes(storage)
-            if problems:
-                raise GridError(problems, grid.path)
-    res = {"cpu": float(grid.resources.get("cpu", 1)), "gpu": float(grid.resources.get("gpu", 0))}
-    per_trial = plan.ray_resources(grid)                       # cpu, gpu and memory of each trial
-    trainable = tune.with_resources(train_bundle, lambda config: per_trial[config["trial"]["trial_id"]])
-    trials = grid.trials()
-    members = [m for t in trials for m in t["members"]]
+        return where
+    storage = Path(where).resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+    if address and len([node for node in ray.nodes() if node.get("Alive")]) > 1:
+        problems = check_storage_on_nodes(storage)
+        if problems:
+            raise GridError(problems, grid.path)
+    return storage
 
-    if resume:
-        sweep_dir = find_sweep_dir(storage, grid.experiment, resume)
-        closed = {m for m, st in member_statuses(tracking_uri, grid.experiment, sweep_dir.name).items()
-                  if st in ENDED}
-        skipped = skip_finished_trials(sweep_dir, closed)
-        if skipped:
-            print(f"resume: {len(skipped)} trial(s) whose members had all finished are not run again "
-                  f"({', '.join(skipped)})", file=sys.stderr)
-        tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True)
-        sweep_id = sweep_dir.name
-    else:
-        sweep_id = f"{grid.experiment}_{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-        source = source_info(Path(__file__).resolve().parents[1])
-        tracker = MLflowTracker(
-            tracking_uri=tracking_uri, experiment=grid.experiment, grid_text=grid.source_text,
-            grid_name=Path(grid.path).name if grid.path else grid.experiment, members=members,
-            sweep_id=sweep_id,
-            tags={**source_tags(source), "mlflow.note.content": grid.description or ""},
-            artifacts={"git.diff": source["diff"]} if source.get("diff") else None,
-            spill_dir=str(storage) if "://" not in str(storage) else None,
-            params={"bundle": grid.bundle, "n_members": len(members), "n_trials": len(trials),
-                    "axes": {k: v for k, v in grid.axes.items()}, "overrides": grid.overrides,
-                    "resources": res})
-        param_space = {
-            "trial": tune.grid_search(trials),
-            "sweep_id": sweep_id,
-            "checkpoint_every": grid.checkpoint_every,
-            "_fault_kill_at": _fault_kill_at,
-        }
-        limit = max_concurrent or grid.max_concurrent
-        tuner = tune.Tuner(
-            trainable, param_space=param_space,
-            tune_config=tune.TuneConfig(
-                max_concurrent_trials=limit,
-                trial_name_creator=lambda t: t.config["trial"]["trial_id"],
-                trial_dirname_creator=lambda t: t.config["trial"]["trial_id"]),
-            run_config=tune.RunConfig(
-                name=sweep_id, storage_path=str(storage), callbacks=[tracker, *_callbacks], verbose=verbose,
-                progress_reporter=tune.CLIReporter(
-                    metric_columns={"iteration": "iteration", "train_loss": "train loss",
-                                    "members_running": "members running"},
-                    parameter_columns={"sweep_id": "sweep"}, max_report_frequency=30),
-                failure_config=tune.FailureConfig(max_failures=grid.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
-    if any(cfg.get("entropy") for _, cfg in members):
+
+def _trainable(grid):
+    """engine.trainable's function trainable, each trial asking for its own cpu, gpu and memory."""
+    from ray import tune
+
+    from engine.trainable import train_bundle
+    per_trial = plan.ray_resources(grid)
+    return tune.with_resources(train_bundle, lambda config: per_trial[config["trial"]["trial_id"]])
+
+
+def _tracker(grid, tracking_uri, sweep_id, storage, trials, members):
+    """The MLflow callback of a new sweep, with the code's source and the grid's settings."""
+    from engine.source import source_info, source_tags
+    from engine.tracking import MLflowTracker
+    source = source_info(Path(__file__).resolve().parents[1])
+    resources = {"cpu": float(grid.resources.get("cpu", 1)), "gpu": float(grid.resources.get("gpu", 0))}
+    return MLflowTracker(
+        tracking_uri=tracking_uri, experiment=grid.experiment, grid_text=grid.source_text,
+        grid_name=Path(grid.path).name if grid.path else grid.experiment, members=members,
+        sweep_id=sweep_id,
+        tags={**source_tags(source), layout.TAG_NOTE: grid.description or ""},
+        artifacts={"git.diff": source["diff"]} if source.get("diff") else None,
+        spill_dir=str(storage) if "://" not in str(storage) else None,
+        params={"bundle": grid.bundle, "n_members": len(members), "n_trials": len(trials),
+                "axes": dict(grid.axes), "overrides": grid.overrides, "resources": resources})
+
+
+def _new_tuner(grid, trainable, trials, sweep_id, storage, callbacks, limit, verbose, fault_kill_at):
+    """A Tuner with one grid-search trial per trial of the grid, each named by its trial id."""
+    from ray import tune
+    param_space = {"trial": tune.grid_search(trials), "sweep_id": sweep_id,
+                   "checkpoint_every": grid.checkpoint_every, "_fault_kill_at": fault_kill_at}
+    reporter = tune.CLIReporter(
+        metric_columns={"iteration": "iteration", "train_loss": "train loss", "members_running": "members running"},
+        parameter_columns={"sweep_id": "sweep"}, max_report_frequency=30)
+    return tune.Tuner(
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=limit,
+            trial_name_creator=lambda t: t.config["trial"]["trial_id"],
+            trial_dirname_creator=lambda t: t.config["trial"]["trial_id"]),
+        run_config=tune.RunConfig(
+            name=sweep_id, storage_path=str(storage), callbacks=callbacks, verbose=verbose,
+            progress_reporter=reporter, failure_config=tune.FailureConfig(max_failures=grid.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
+
+
+def _fit(tuner, entropy: bool):
+    """Run the Tuner with SIGTERM taken as Ctrl-C and, for entropy, each node's reservoir started early."""
+    import ray
+
+    from engine.reservoir import get_reservoir, shutdown_reservoirs
+    if entropy:
         # start each node's reservoir now, so that its process comes up while the first trials do
         for node in ray.nodes():
             if node.get("Alive"):
@@ -344,44 +251,37 @@ def run_sweep(grid, *, address=None, tracking_uri=DEFAULT_TRACKING_URI, storage_
     if in_main:
         signal.signal(signal.SIGTERM, _sigterm_as_interrupt)    # Ray's own handler would just exit
     try:
-        results = tuner.fit()
+        return tuner.fit()
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, previous)
         shutdown_reservoirs()
-    try:
-        final = member_statuses(tracking_uri, grid.experiment, sweep_id)
-    except Exception:       # noqa: BLE001 - store still away: Tune's own record alone then
-        final = {}
-    return summarise(results, tracking_uri, sweep_id, f"{storage}/{sweep_id}", grid.experiment,
-                     [mid for mid, _ in members], final)
 
 
 def summarise(results, tracking_uri, sweep_id, sweep_dir, experiment, member_ids, final=None) -> dict:
     """Member counts by final status. Every member of the grid is counted: Tune creates grid trials
     lazily, so after an interruption ``results`` may lack trials that never started; those members,
     like any without a final status, are unfinished. ``final`` (member id -> status in MLflow) counts
-    members whose trial Tune did not run again because MLflow had closed them (skip_finished_trials)."""
+    members whose trial Tune did not run again because MLflow had closed them (engine.resume)."""
     counts = dict.fromkeys(FINAL + ("unfinished",), 0)
     seen: set = set()
-    for r in results:
-        metrics = r.metrics or {}
-        trial = (r.config or {}).get("trial") or {}
-        ids = metrics.get("member_ids") or [mid for mid, _ in trial.get("members", [])]
-        status = metrics.get("status")
-        if r.error is not None:
+    for result in results:
+        metrics = result.metrics or {}
+        trial = (result.config or {}).get("trial") or {}
+        ids = metrics.get("member_ids") or [member_id for member_id, _ in trial.get("members", [])]
+        if result.error is not None:
             counts["failed"] += len(ids)
             seen.update(ids)
             continue
-        for mid, s in zip(ids, status or []):
-            if s in FINAL:
-                counts[s] += 1
-                seen.add(mid)
-    for mid in set(member_ids) - seen:
-        s = (final or {}).get(mid)
-        if s in ENDED:
-            counts[s] += 1
-            seen.add(mid)
+        for member_id, status in zip(ids, metrics.get("status") or []):
+            if status in FINAL:
+                counts[status] += 1
+                seen.add(member_id)
+    for member_id in set(member_ids) - seen:
+        status = (final or {}).get(member_id)
+        if status in ENDED:
+            counts[status] += 1
+            seen.add(member_id)
     counts["unfinished"] += len(set(member_ids) - seen)
     return {"sweep_id": sweep_id, "sweep_dir": str(sweep_dir), "tracking_uri": tracking_uri,
             "experiment": experiment, "members": counts}
@@ -449,16 +349,21 @@ def main(argv=None) -> int:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    c = summary["members"]
-    print(f"\nsweep {summary['sweep_id']}: {c['done']} done, {c['converged']} converged, {c['stopped']} stopped, "
-          f"{c['diverged']} diverged, {c['failed']} failed, {c['unfinished']} unfinished")
+    _print_summary(summary)
+    counts = summary["members"]
+    return 1 if counts["failed"] or counts["unfinished"] else 0
+
+
+def _print_summary(summary: dict) -> None:
+    counts = summary["members"]
+    print(f"\nsweep {summary['sweep_id']}: {counts['done']} done, {counts['converged']} converged, "
+          f"{counts['stopped']} stopped, {counts['diverged']} diverged, {counts['failed']} failed, "
+          f"{counts['unfinished']} unfinished")
     print(f"MLflow: experiment '{summary['experiment']}' at {summary['tracking_uri']} "
           f"(browse: mlflow ui --backend-store-uri {summary['tracking_uri']})")
     print(f"Tune state: {summary['sweep_dir']} (continue an interrupted sweep with --resume)")
     print(f"Report: python -m analysis.report --experiment {summary['experiment']} "
           f"--tracking-uri {summary['tracking_uri']}")
-    return 1 if c["failed"] or c["unfinished"] else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

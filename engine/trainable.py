@@ -63,42 +63,50 @@ def train_bundle(config: dict) -> None:
     every = int(config.get("checkpoint_every", 0))
     keeper = AnchorKeeper(AnchorPlan(runner.members[0], every)) if specs else None
 
-    restored = tune.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as d:
-            state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
-            anchor = read_anchor(d) if sink is not None else None
-        if anchor is not None:      # the windows died with the old process: rebuild them by replay
-            rebuild_windows(runner, sink, keeper, anchor, until=int(state["iteration"]))
-        runner.load_state_dict(state)
+    restored = _restore(runner, sink, keeper)
 
     faults = _faults(config.get("_fault_kill_at"))  # tests only: real SIGKILLs of this worker / the reservoir
     # every result costs the driver one MLflow transaction per member: big bundles report less often
     report_every = float(config.get("report_every_s", max(REPORT_EVERY_S, 0.1 * len(members))))
-    out = Reports(member_ids, runner.D, sink)
-    last_ckpt, last_report = runner.iteration, time.monotonic()
+    reports = Reports(member_ids, runner.D, sink)
+    last_checkpoint, last_report = runner.iteration, time.monotonic()
 
     for event in runner.run(sink):
         t = event["iteration"]
         if keeper is not None:
             keeper.observe(runner, t)
-        out.add(event, awaits_entropy=sink is not None and t in sink.pending())
+        reports.add(event, awaits_entropy=sink is not None and t in sink.pending())
         finished = all(s != "running" for s in runner.status)
         reported = []
-        if finished or checkpoint_due(every, last_ckpt, t):
-            if out.held is not None:            # the previous checkpoint still waits for entropy
-                reported.append(out.report(wait=True))
-            out.hold_checkpoint(runner, keeper, t)
-            last_ckpt = t
-        elif out.held is None and time.monotonic() - last_report < report_every:
+        if finished or checkpoint_due(every, last_checkpoint, t):
+            if reports.held is not None:            # the previous checkpoint still waits for entropy
+                reported.append(reports.report(wait=True))
+            reports.hold_checkpoint(runner, keeper, t)
+            last_checkpoint = t
+        elif reports.held is None and time.monotonic() - last_report < report_every:
             continue            # log steps come fast in short runs: hand them over in batches
-        reported.append(out.report(wait=finished))
-        for r in filter(None, reported):
+        reported.append(reports.report(wait=finished))
+        for step, with_checkpoint in filter(None, reported):
             last_report = time.monotonic()
-            if restored is None:
-                _inject(faults, r[0], sink, r[1])
+            if not restored:
+                _inject(faults, step, sink, with_checkpoint)
     if sink is not None:
         sink.close()
+
+
+def _restore(runner, sink, keeper) -> bool:
+    """Load Tune's checkpoint into the freshly built runner, after rebuilding its entropy windows from
+    the checkpoint's anchor (they died with the old process); False when there is no checkpoint."""
+    restored = tune.get_checkpoint()
+    if restored is None:
+        return False
+    with restored.as_directory() as directory:
+        state = torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+        anchor = read_anchor(directory) if sink is not None else None
+    if anchor is not None:
+        rebuild_windows(runner, sink, keeper, anchor, until=int(state["iteration"]))
+    runner.load_state_dict(state)
+    return True
 
 
 class Reports:
@@ -121,22 +129,22 @@ class Reports:
             self.awaiting.add(event["iteration"])
 
     def hold_checkpoint(self, runner, keeper, t: int) -> None:
-        d = tempfile.mkdtemp(prefix="ckpt-")
-        torch.save(runner.state_dict(), os.path.join(d, CHECKPOINT_FILE))
+        directory = tempfile.mkdtemp(prefix="ckpt-")
+        torch.save(runner.state_dict(), os.path.join(directory, CHECKPOINT_FILE))
         if keeper is not None:
-            keeper.write(d, t)
-        self.held = (t, d)
+            keeper.write(directory, t)
+        self.held = (t, directory)
 
     def _attach(self, wait: bool) -> None:
         if self.sink is None:
             return
         rows_at = dict(self.sink.collect(wait=wait))
-        for ev in self.events:
-            if ev["iteration"] in rows_at:
-                for row, ent in zip(ev["rows"], rows_at[ev["iteration"]]):
+        for event in self.events:
+            if event["iteration"] in rows_at:
+                for row, entropy in zip(event["rows"], rows_at[event["iteration"]]):
                     if row is not None:
-                        attach_entropy(row, ent, self.D)
-                self.awaiting.discard(ev["iteration"])
+                        attach_entropy(row, entropy, self.D)
+                self.awaiting.discard(event["iteration"])
 
     def report(self, wait: bool = False) -> tuple[int, bool] | None:
         """Report the complete events (up to the held checkpoint's step, with it); returns (last
@@ -146,7 +154,7 @@ class Reports:
         while n < len(self.events) and self.events[n]["iteration"] not in self.awaiting:
             n += 1
         if self.held is not None:
-            upto = sum(1 for ev in self.events if ev["iteration"] <= self.held[0])
+            upto = sum(1 for event in self.events if event["iteration"] <= self.held[0])
             if n >= upto:
                 n = upto
         if n == 0:
@@ -154,7 +162,7 @@ class Reports:
         batch, self.events = self.events[:n], self.events[n:]
         last = batch[-1]
         metrics = {"iteration": last["iteration"], "member_ids": self.member_ids,
-                   "events": [{k: ev[k] for k in ("iteration", "rows", "running")} for ev in batch],
+                   "events": [{k: event[k] for k in ("iteration", "rows", "running")} for event in batch],
                    "status": list(last["status"]), "D": self.D,
                    "members_running": sum(s == "running" for s in last["status"])}
         if last.get("regime"):
@@ -163,9 +171,9 @@ class Reports:
         if first is not None and "train_loss" in first:
             metrics["train_loss"] = first["train_loss"]
         if self.held is not None and self.held[0] == last["iteration"]:
-            d = self.held[1]
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
-            shutil.rmtree(d, ignore_errors=True)
+            directory = self.held[1]
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+            shutil.rmtree(directory, ignore_errors=True)
             self.held = None
             return last["iteration"], True
         tune.report(metrics)

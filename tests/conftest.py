@@ -84,14 +84,15 @@ def mlflow_member_runs(uri: str, experiment: str) -> tuple:
     """(parent run, {member_id: child run}) of the single sweep of ``experiment`` in the store."""
     from mlflow.tracking import MlflowClient
 
+    from engine import layout
     c = MlflowClient(tracking_uri=uri)
     exp = c.get_experiment_by_name(experiment)
     assert exp is not None, f"no MLflow experiment '{experiment}' at {uri}"
     runs = c.search_runs([exp.experiment_id], max_results=10000)
-    parents = [r for r in runs if r.data.tags.get("thermosweep.role") == "sweep"]
+    parents = [r for r in runs if r.data.tags.get(layout.TAG_ROLE) == layout.ROLE_SWEEP]
     assert len(parents) == 1, f"expected one sweep (parent) run, found {len(parents)}"
-    children = {r.data.tags["thermosweep.member_id"]: r for r in runs
-                if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    children = {r.data.tags[layout.TAG_MEMBER_ID]: r for r in runs
+                if r.data.tags.get(layout.TAG_PARENT_RUN) == parents[0].info.run_id}
     return parents[0], children
 
 

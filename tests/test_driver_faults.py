@@ -24,6 +24,7 @@ from ray.tune import Callback
 
 from benchmarks.faults import MlflowServer, free_port
 from conftest import REPO, metric_history, mlflow_member_runs, repo_env
+from engine import layout
 
 DEMO = REPO / "grids" / "demo.yaml"
 KNN = "entropy=[{name: knn, window: 20, stride: 1, ks: [1, 5, 19]}]"
@@ -103,9 +104,9 @@ def test_tracking_outage_only_delays(ray_session, tmp_path, tracking_uri, server
             assert steps == sorted(set(steps)), f"{mid} {name}: duplicate steps"
             assert actual[name] == expected[name], f"{mid} {name}"
         run = c.get_run(got[mid].info.run_id)
-        assert run.info.status == "FINISHED" and run.data.tags["thermosweep.status"] == "done"
+        assert run.info.status == "FINISHED" and run.data.tags[layout.TAG_STATUS] == "done"
     assert c.get_run(parent.info.run_id).info.status == "FINISHED"
-    assert c.get_run(parent.info.run_id).data.tags["thermosweep.sweep_status"] == "finished"
+    assert c.get_run(parent.info.run_id).data.tags[layout.TAG_SWEEP_STATUS] == "finished"
 
 
 def _result(member_ids, steps, status):
@@ -116,10 +117,11 @@ def _result(member_ids, steps, status):
 
 
 def test_store_that_stays_down_spills_to_a_file_that_replay_writes(tmp_path, server, monkeypatch, capsys):
+    import engine.outbox as outbox
     import engine.tracking as tracking
     from mlflow.tracking import MlflowClient
 
-    monkeypatch.setattr(tracking, "BUFFER_OPS", 3)
+    monkeypatch.setattr(outbox, "BUFFER_OPS", 3)
     members = [("m0000", {"lr": 0.1}), ("m0001", {"lr": 0.2})]
     tr = tracking.MLflowTracker(server.uri, "spill", "grid: text", "g.yaml", members, "spill_1",
                                 spill_dir=str(tmp_path / "state"))
@@ -151,7 +153,7 @@ def test_store_that_stays_down_spills_to_a_file_that_replay_writes(tmp_path, ser
         assert metric_history(server.uri, runs[mid].info.run_id, "train_loss") == \
             [(t, 1.0 / t + i) for t in range(10, 71, 10)]
         run = c.get_run(runs[mid].info.run_id)
-        assert run.info.status == "FINISHED" and run.data.tags["thermosweep.status"] == "done"
+        assert run.info.status == "FINISHED" and run.data.tags[layout.TAG_STATUS] == "done"
     assert c.get_run(parent.info.run_id).info.status == "FINISHED"
 
 
@@ -218,12 +220,12 @@ print("SUMMARY" + json.dumps(s))
 
 
 def _session_processes(ray_root: Path) -> dict[str, list[int]]:
-    from engine.sweep import _processes_of
-    return {d.name: _processes_of(str(d)) for d in ray_root.glob("session_2*")}
+    from engine.local_ray import processes_of
+    return {d.name: processes_of(str(d)) for d in ray_root.glob("session_2*")}
 
 
 def test_driver_killed_between_tracker_and_tune_resumes_without_rerunning(tmp_path, tracking_uri, ray_tmpdir):
-    from engine.sweep import DRIVER_MARK
+    from engine.local_ray import DRIVER_MARK
     from mlflow.tracking import MlflowClient
     from test_engine import _records
     from trainables.schedule import log_iterations
@@ -245,7 +247,7 @@ def test_driver_killed_between_tracker_and_tune_resumes_without_rerunning(tmp_pa
 
     # the seam: MLflow has closed t001's member, Tune's saved state has not finished the trial
     _, children = mlflow_member_runs(tracking_uri, "seam")
-    assert children["m0001"].data.tags["thermosweep.status"] == "done"
+    assert children["m0001"].data.tags[layout.TAG_STATUS] == "done"
     started_before = [r["trial_id"] for r in _records(rec)]
     assert started_before == ["t000", "t001"], started_before
     series_before = metric_history(tracking_uri, children["m0001"].info.run_id, "train_loss")
@@ -266,17 +268,17 @@ def test_driver_killed_between_tracker_and_tune_resumes_without_rerunning(tmp_pa
     steps = log_iterations("every:10", 60)
     for mid, run in children.items():
         run = c.get_run(run.info.run_id)
-        assert run.info.status == "FINISHED" and run.data.tags["thermosweep.status"] == "done", mid
+        assert run.info.status == "FINISHED" and run.data.tags[layout.TAG_STATUS] == "done", mid
         assert [s for s, _ in metric_history(tracking_uri, run.info.run_id, "train_loss")] == steps, mid
     assert metric_history(tracking_uri, children["m0001"].info.run_id, "train_loss") == series_before
     assert c.get_run(parent.info.run_id).info.status == "FINISHED"
-    assert c.get_run(parent.info.run_id).data.tags["thermosweep.sweep_status"] == "finished"
+    assert c.get_run(parent.info.run_id).data.tags[layout.TAG_SWEEP_STATUS] == "finished"
 
 
 def test_next_start_stops_what_a_killed_driver_left(ray_tmpdir, monkeypatch):
     """Where SIGKILL of the driver leaves processes of its local Ray behind (the issue saw Ray's agents),
     the next start stops them: only sessions marked by a driver of ours whose process is gone."""
-    from engine.sweep import DRIVER_MARK, reap_killed_drivers
+    from engine.local_ray import DRIVER_MARK, reap_killed_drivers
 
     monkeypatch.setenv("RAY_TMPDIR", str(ray_tmpdir))
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -311,7 +313,8 @@ def test_mlflow_layout_uses_mlflow_conventions(tmp_path, tracking_uri, monkeypat
     submitting machine's git state reaching a driver that runs without .git."""
     from mlflow.tracking import MlflowClient
 
-    from engine.tracking import SOURCE_FILE, MLflowTracker, source_info, source_tags
+    from engine.source import SOURCE_FILE, source_info, source_tags
+    from engine.tracking import MLflowTracker
 
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     submit = tmp_path / "upload"                # what `ray job submit --working-dir .` ships: no .git
@@ -355,7 +358,8 @@ def _alive_nodes(address: str, env: dict) -> int:
 def test_storage_that_a_worker_node_cannot_see_is_refused(tmp_path, ray_tmpdir):
     """A two-node Ray on this machine; the worker node runs in its own mount namespace where the head's
     storage directory is covered by an empty tmpfs: exactly what a worker sees of a head-local path."""
-    from engine.sweep import STORAGE_ENV, _processes_of
+    from engine.local_ray import processes_of
+    from engine.preflight import STORAGE_ENV
 
     ray_cli = str(Path(sys.executable).parent / "ray")
     port = free_port()
@@ -401,7 +405,7 @@ def test_storage_that_a_worker_node_cannot_see_is_refused(tmp_path, ray_tmpdir):
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait()
         for d in (ray_tmpdir / "ray").glob("session_2*"):                # this test's Ray, nothing else
-            for pid in _processes_of(str(d)):
+            for pid in processes_of(str(d)):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -413,7 +417,7 @@ def test_storage_that_a_worker_node_cannot_see_is_refused(tmp_path, ray_tmpdir):
 def test_sigterm_stops_the_sweep_like_ctrl_c_and_closes_what_it_started(tmp_path, ray_tmpdir):
     from mlflow.tracking import MlflowClient
 
-    from engine.sweep import _processes_of
+    from engine.local_ray import processes_of
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     args = [sys.executable, "-m", "engine.sweep", str(DEMO), "--num-cpus", "1", "--num-gpus", "0", "--verbose", "0",
@@ -443,10 +447,10 @@ def test_sigterm_stops_the_sweep_like_ctrl_c_and_closes_what_it_started(tmp_path
     parent, runs = mlflow_member_runs(uri, "term")
     c = MlflowClient(tracking_uri=uri)
     assert c.get_run(parent.info.run_id).info.status == "KILLED"
-    assert c.get_run(parent.info.run_id).data.tags["thermosweep.sweep_status"] == "interrupted"
+    assert c.get_run(parent.info.run_id).data.tags[layout.TAG_SWEEP_STATUS] == "interrupted"
     member = c.get_run(runs["m0000"].info.run_id)
-    assert member.info.status == "KILLED" and member.data.tags["thermosweep.status"] == "running"
+    assert member.info.status == "KILLED" and member.data.tags[layout.TAG_STATUS] == "running"
     deadline = time.monotonic() + 60
-    while any(_processes_of(str(d)) for d in sessions):          # Ray's shutdown ends its processes
-        assert time.monotonic() < deadline, [_processes_of(str(d)) for d in sessions]
+    while any(processes_of(str(d)) for d in sessions):          # Ray's shutdown ends its processes
+        assert time.monotonic() < deadline, [processes_of(str(d)) for d in sessions]
         time.sleep(0.5)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, metric_history, mlflow_member_runs, repo_env
+from engine import layout
 from trainables.schedule import log_iterations
 
 DEMO = REPO / "grids" / "demo.yaml"
@@ -85,13 +86,13 @@ def test_demo_grid_end_to_end(ray_session, tmp_path, monkeypatch):
 
     from mlflow.tracking import MlflowClient
     c = MlflowClient(tracking_uri=uri)
-    assert parent.data.tags["thermosweep.role"] == "sweep"
+    assert parent.data.tags[layout.TAG_ROLE] == layout.ROLE_SWEEP
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     assert parent.data.tags["mlflow.source.git.commit"] == head
     dirty = subprocess.run(["git", "diff", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout != ""
     assert sorted(a.path for a in c.list_artifacts(parent.info.run_id)) == ["git.diff"] * dirty + ["grid.yaml"]
     assert c.get_run(parent.info.run_id).info.status == "FINISHED"
-    assert c.get_run(parent.info.run_id).data.tags["thermosweep.sweep_status"] == "finished"
+    assert c.get_run(parent.info.run_id).data.tags[layout.TAG_SWEEP_STATUS] == "finished"
 
     expected_steps = log_iterations(schedule, iterations)
     entropy_steps = [t for t in expected_steps if t >= 19]          # window 20, stride 1
@@ -103,8 +104,8 @@ def test_demo_grid_end_to_end(ray_session, tmp_path, monkeypatch):
         assert (p["width"], p["protocol"], p["model"], p["dataset"]) == ("1", "fixed_sphere", "convnet", "digits")
         assert p["iterations"] == str(iterations) and json.loads(p["entropy"])[0]["window"] == 20
         lrs[mid] = float(p["lr"])
-        assert run.data.tags["thermosweep.role"] == "member"
-        assert run.data.tags["thermosweep.status"] == "done"
+        assert run.data.tags[layout.TAG_ROLE] == layout.ROLE_MEMBER
+        assert run.data.tags[layout.TAG_STATUS] == "done"
         assert run.info.status == "FINISHED"
         for name in ("train_loss", "snr", "radius"):
             assert _steps(uri, run.info.run_id, name) == expected_steps, name
@@ -218,17 +219,17 @@ def test_resume_closes_members_tune_finished_but_mlflow_left_running(ray_session
     parent, children = mlflow_member_runs(tracking_uri, "reconcile")
     victim = children["m0001"].info.run_id
     before = {m: metric_history(tracking_uri, r.info.run_id, "train_loss") for m, r in children.items()}
-    c.set_tag(victim, "thermosweep.status", "running")
+    c.set_tag(victim, layout.TAG_STATUS, "running")
     c.update_run(victim, status="RUNNING")
-    c.set_tag(parent.info.run_id, "thermosweep.sweep_status", "interrupted")
+    c.set_tag(parent.info.run_id, layout.TAG_SWEEP_STATUS, "interrupted")
 
     again = run_sweep(grid, tracking_uri=tracking_uri, storage_path=storage, resume="latest", verbose=0)
     assert again["sweep_id"] == first["sweep_id"]
     run = c.get_run(victim)
-    assert run.data.tags["thermosweep.status"] == "done"
+    assert run.data.tags[layout.TAG_STATUS] == "done"
     assert run.info.status == "FINISHED"
-    assert run.data.tags["thermosweep.regime"] in ("stationary", "converged")
-    assert c.get_run(parent.info.run_id).data.tags["thermosweep.sweep_status"] == "finished"
+    assert run.data.tags[layout.TAG_REGIME] in ("stationary", "converged")
+    assert c.get_run(parent.info.run_id).data.tags[layout.TAG_SWEEP_STATUS] == "finished"
     after = {m: metric_history(tracking_uri, r.info.run_id, "train_loss") for m, r in children.items()}
     assert after == before          # nothing re-ran and nothing was logged twice
 
@@ -272,7 +273,7 @@ def test_interrupted_sweep_resumes_only_what_was_left(tmp_path, tracking_uri):
             try:
                 _, children = mlflow_member_runs(uri, "resume")
                 done_before = {m: r.info.start_time for m, r in children.items()
-                               if r.data.tags.get("thermosweep.status") == "done"}
+                               if r.data.tags.get(layout.TAG_STATUS) == "done"}
             except Exception:        # store or runs not created yet
                 done_before = {}
             if done_before:
@@ -287,7 +288,7 @@ def test_interrupted_sweep_resumes_only_what_was_left(tmp_path, tracking_uri):
             proc.kill()
     _, children = mlflow_member_runs(uri, "resume")
     done_before = {m: r.info.start_time for m, r in children.items()
-                   if r.data.tags.get("thermosweep.status") == "done"}
+                   if r.data.tags.get(layout.TAG_STATUS) == "done"}
     assert len(done_before) < len(INTERRUPT_LRS), "the interrupt came too late: the sweep had finished\n" + out[-3000:]
     assert proc.returncode != 0, "an interrupted sweep must not report success:\n" + out[-4000:]
     first_starts = _records(rec)
@@ -303,9 +304,9 @@ def test_interrupted_sweep_resumes_only_what_was_left(tmp_path, tracking_uri):
     steps = log_iterations("every:50", INTERRUPT_ITERS)
     for mid, run in children.items():
         run = c.get_run(run.info.run_id)
-        assert run.data.tags["thermosweep.status"] == "done", mid
+        assert run.data.tags[layout.TAG_STATUS] == "done", mid
         assert _steps(uri, run.info.run_id, "train_loss") == steps, mid
-    assert c.get_run(parent.info.run_id).data.tags["thermosweep.sweep_status"] == "finished"
+    assert c.get_run(parent.info.run_id).data.tags[layout.TAG_SWEEP_STATUS] == "finished"
 
     # members finished before the interruption were not started again
     trial_of = {f"m{i:04d}": f"t{i:03d}" for i in range(len(INTERRUPT_LRS))}

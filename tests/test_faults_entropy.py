@@ -14,6 +14,7 @@ import torch
 
 from benchmarks.faults import (FAULT_AT, compare, is_entropy, member_histories, run_driver_fault,
                                run_in_process)
+from engine import layout
 from engine.replay import START, AnchorKeeper, AnchorPlan, read_anchor, rebuild_windows
 from trainables.runner import make_runner
 from trainables.sinks import LocalSink
@@ -116,7 +117,7 @@ def _assert_identical(clean_hist: dict, uri: str, experiment: str, storage: str)
     # the trial's checkpoints carried anchors: its windows reach back across checkpoints
     assert list(Path(storage).glob(f"{experiment}_*/t000/checkpoint_*/anchor.json")), experiment
     hist, tags = member_histories(uri, experiment)
-    assert tags["thermosweep.status"] == "done"
+    assert tags[layout.TAG_STATUS] == "done"
     d = compare(clean_hist, hist)
     assert d == {"train": [], "entropy": [], "duplicates": []}, d
     assert sum(len(h) for n, h in hist.items() if n.startswith("entropy_knn")) > 30

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from engine import layout
 from engine.grid import GridError, load_grid
 from trainables import member, models
 from trainables.toys.sphere import SphereToyRunner
@@ -27,11 +28,11 @@ def test_model_names_come_from_the_registries():
 
 
 @pytest.mark.parametrize("grid", ["demo.yaml", "vmf_fixed_lr.yaml", "sphere_toy.yaml", "digits_optimizers.yaml"])
-def test_coerce_reads_back_what_mlflow_stores(grid):
-    # MLflow stores str(value) for every param; coerce must give back the member's value and type
+def test_mlflow_params_decode_to_the_members_values_and_types(grid):
+    # MLflow stores text for every param; decoding (types from the schema) gives back value and type
     for _, cfg in load_grid(GRIDS / grid).members()[:3]:
         for key, value in cfg.items():
-            back = member.coerce(key, str(value))
+            back = layout.decode_param(key, layout.encode_param(value))
             assert back == value and type(back) is type(value), (key, value, back)
 
 

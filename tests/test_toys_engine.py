@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, metric_history, mlflow_member_runs
+from engine import layout
 
 pytest.importorskip("mlflow")
 
@@ -51,7 +52,7 @@ def test_vmf_grid_through_engine_and_report(ray_session, tmp_path, tracking_uri,
     uri = tracking_uri
     assert _sweep(tmp_path, uri, grid, CASES[grid]) == 0
     parent, children = mlflow_member_runs(uri, grid)
-    assert parent.data.tags["thermosweep.sweep_status"] == "finished"
+    assert parent.data.tags[layout.TAG_SWEEP_STATUS] == "finished"
     assert len(children) == 6
     protocol = grid.removeprefix("vmf_")
     steps = list(range(EVERY, ITERS + 1, EVERY))
@@ -59,7 +60,7 @@ def test_vmf_grid_through_engine_and_report(ray_session, tmp_path, tracking_uri,
         p = run.data.params
         assert p["model"] == "vmf" and p["protocol"] == protocol and p["iterations"] == str(ITERS)
         assert json.loads(p["entropy"])[0]["evaluate_last"] == 3
-        assert run.data.tags["thermosweep.status"] == "done"
+        assert run.data.tags[layout.TAG_STATUS] == "done"
         U = metric_history(uri, run.info.run_id, "train_loss")
         assert [s for s, _ in U] == steps and all(0 <= v <= 2 for _, v in U)
         assert [s for s, _ in metric_history(uri, run.info.run_id, "entropy_kl_sphere")] == steps[-3:]
@@ -95,10 +96,10 @@ def test_sphere_toy_grid_through_engine_and_report(ray_session, tmp_path, tracki
     settings = sorted(r.data.params["setting"] for r in children.values())
     assert settings == ["op"] * 3 + ["up"] * 3
     for run in children.values():
-        assert run.data.tags["thermosweep.status"] in ("done", "converged")
+        assert run.data.tags[layout.TAG_STATUS] in ("done", "converged")
         snr = metric_history(uri, run.info.run_id, "snr")
         assert snr[0][0] == 0 and all(v > 0 for _, v in snr)
-        if run.data.tags["thermosweep.status"] == "done":
+        if run.data.tags[layout.TAG_STATUS] == "done":
             assert snr[-1][0] == 3000
     out, summary = _report(tmp_path, "sphere_toy", uri)
     rows = summary[summary["section"] == "sphere_toy"].set_index("group")
@@ -121,10 +122,10 @@ def test_vmf_members_stop_through_engine(ray_session, tmp_path, tracking_uri, mo
     parent, children = mlflow_member_runs(tracking_uri, "vmf_fixed_elr")
     by_lr = {float(r.data.params["lr"]): r for r in children.values()}
     fast, slow = by_lr[0.1], by_lr[0.0001]
-    assert fast.data.tags["thermosweep.status"] == "stopped" and fast.info.status == "FINISHED"
+    assert fast.data.tags[layout.TAG_STATUS] == "stopped" and fast.info.status == "FINISHED"
     (step, stopped_at), = metric_history(tracking_uri, fast.info.run_id, "stopped_at")
     assert step == stopped_at < 60000
     assert metric_history(tracking_uri, fast.info.run_id, "train_loss")[-1][0] == step
-    assert slow.data.tags["thermosweep.status"] == "done"
+    assert slow.data.tags[layout.TAG_STATUS] == "done"
     assert metric_history(tracking_uri, slow.info.run_id, "train_loss")[-1][0] == 60000
-    assert parent.data.tags["thermosweep.sweep_status"] == "finished"
+    assert parent.data.tags[layout.TAG_SWEEP_STATUS] == "finished"

@@ -4,6 +4,7 @@ heuristic (which is kept for runners that report no regime, the toys)."""
 from mlflow.tracking import MlflowClient
 
 from conftest import mlflow_member_runs
+from engine import layout
 from engine.tracking import MLflowTracker
 
 
@@ -27,14 +28,14 @@ def test_runner_regime_is_tagged_while_training_and_decides_the_final_regime(tra
     c = MlflowClient(tracking_uri=tracking_uri)
     _, runs = mlflow_member_runs(tracking_uri, "regime")
     live = c.get_run(runs["m0000"].info.run_id)
-    assert live.data.tags["thermosweep.regime"] == "converged" and live.info.status == "RUNNING"
-    assert "thermosweep.regime" not in c.get_run(runs["m0001"].info.run_id).data.tags
+    assert live.data.tags[layout.TAG_REGIME] == "converged" and live.info.status == "RUNNING"
+    assert layout.TAG_REGIME not in c.get_run(runs["m0001"].info.run_id).data.tags
 
     tr.log_result(_result(20, [fits, fits], ["done", "done"], ["converged", "training"]))
     final = {m: c.get_run(r.info.run_id) for m, r in runs.items()}
-    assert final["m0000"].data.tags["thermosweep.regime"] == "converged"
+    assert final["m0000"].data.tags[layout.TAG_REGIME] == "converged"
     # 100 % train accuracy, but the runner saw no falling loss there: stationary, not the heuristic's converged
-    assert final["m0001"].data.tags["thermosweep.regime"] == "stationary"
+    assert final["m0001"].data.tags[layout.TAG_REGIME] == "stationary"
     assert all(r.info.status == "FINISHED" for r in final.values())
 
 
@@ -46,5 +47,5 @@ def test_runners_without_a_regime_keep_the_heuristic(tracking_uri):
     tr.log_result(_result(20, rows, ["done", "done"]))
     _, runs = mlflow_member_runs(tracking_uri, "heur")
     c = MlflowClient(tracking_uri=tracking_uri)
-    tags = {m: c.get_run(r.info.run_id).data.tags["thermosweep.regime"] for m, r in runs.items()}
+    tags = {m: c.get_run(r.info.run_id).data.tags[layout.TAG_REGIME] for m, r in runs.items()}
     assert tags == {"m0000": "converged", "m0001": "stationary"}

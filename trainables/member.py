@@ -3,19 +3,17 @@
 Each key has its name, default, check (raw value → normalised value, or `BadValue` naming the problem
 and the fix), one-line meaning (the CLI's --help, the docs) and the models that use it. The grid loader
 (engine/grid.py), the single-trial CLI (trainables/cli.py), the runners and the MLflow reader
-(`coerce`) all read it. Names of models, protocols, datasets, losses and optimizers come from the
+(engine/layout.decode_param, through `Key.kind`) all read it. Names of models, protocols, datasets, losses and optimizers come from the
 modules that own them; each toy (trainables/toys/*) registers its own keys and defaults.
 
     member_config({"model": "vmf", "lr": 0.1})     # a full member: defaults applied once, here
     KEYS["lr"].check("1e-3")                       # 0.001 (PyYAML leaves 1e-3 as text)
-    coerce("width", "8")                           # 8: an MLflow param string back to its type
 
 Numbers: text that parses as a number is accepted (PyYAML reads ``1e-3`` as a string); integral floats
 are accepted for integer keys.
 """
 from __future__ import annotations
 
-import ast
 import copy
 import difflib
 import importlib
@@ -274,7 +272,7 @@ class Key:
     default: Any
     check: Callable[[Any], Any]
     meaning: str
-    kind: type = str                       # what an MLflow param string decodes to (`coerce`)
+    kind: type = str                       # what an MLflow param string decodes to (engine/layout.decode_param)
     models: tuple = ()                     # models that use it; () = every model
     extra: dict = field(default_factory=dict)
 
@@ -382,26 +380,3 @@ def member_config(chosen: dict) -> dict:
 def check(key: str, value):
     """The normalised value of ``key`` (BadValue if refused, KeyError if no such key)."""
     return keys()[key].check(value)
-
-
-def coerce(key: str, value):
-    """An MLflow param string (``str(value)``) back to the key's type; unknown keys and text that does not
-    parse are returned unchanged."""
-    if not isinstance(value, str) or key not in keys():
-        return value
-    if value == "None":
-        return None
-    kind = keys()[key].kind
-    try:
-        if kind is int:
-            f = float(value)
-            return int(f) if f.is_integer() else f
-        if kind is float:
-            return float(value)
-        if kind is bool:
-            return {"True": True, "False": False}.get(value, value)
-        if kind in (list, dict):
-            return ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        pass
-    return value
