@@ -52,6 +52,9 @@ class _Solo:
         self.model.train()
         self.data = data
         self.theta, self.grad = flatten_si_parameters(self.model)
+        # opt-in (docs/DESIGN.md "The single-member step"): torch.compile of the training forward and
+        # backward only (measurements stay eager), and recording the step once to replay it
+        self.train_model = torch.compile(self.model) if cfg.get("compile") else self.model
         self.cuda_graph = bool(cfg.get("cuda_graph", False))
         self._replay = None         # the step's ReplayedStep, made at the first step when cuda_graph is on
 
@@ -69,7 +72,7 @@ class _Solo:
         x, y = self.data.x_train, self.data.y_train
         idx = sample_batch_indices(x.shape[0], batch_size, gen)
         self.grad.zero_()
-        l = Mx.batch_loss(self.model(x[idx]), y[idx], loss)
+        l = Mx.batch_loss(self.train_model(x[idx]), y[idx], loss)
         l.backward()
         return l.detach().reshape(1)
 
