@@ -29,7 +29,10 @@ can follow; it prints, per candidate, the median it/s and the median, quartiles 
 ratio to the papers' loop. Then whether each candidate gives eager's numbers, by the bar of the bundle
 acceptance (tests/test_bundle.py): float64, θ over 100 steps within 1e-9 of the distance moved; float32,
 the first 5 steps within 1e-4 (ConvNet on digits, batch 32, fixed sphere); ``--agree-data synthetic``
-runs the same check on the CIFAR-shaped data.
+runs the same check on the CIFAR-shaped data. A last row, eager from a θ_0 moved by the dtype's epsilon (rounding-sized),
+shows what rounding alone does on that data: where it fails the bar too (the random CIFAR-shaped data at
+these step sizes), the check cannot tell a sound kernel from a wrong one. On digits (one input channel)
+channels-last changes no layout, so its row there is vacuous.
 """
 from __future__ import annotations
 
@@ -193,9 +196,19 @@ def _channels_last(runner):
     model.forward = lambda x: forward(x.contiguous(memory_format=torch.channels_last))
 
 
+def _perturbed(runner):
+    """θ_0 moved at random by its dtype's epsilon (relative): rounding-sized, the control of the check."""
+    theta = runner.theta
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(theta.shape, generator=g, dtype=theta.dtype).to(theta.device)
+    with torch.no_grad():
+        theta.add_(noise * (torch.finfo(theta.dtype).eps * theta.norm() / noise.norm()))
+
+
 # name: (member keys, patch of the built runner); "compile" is the runner's own opt-in
 STEP_VARIANTS = {"eager": ({}, None), "eager_papers_order": ({}, _papers_order),
-                 "channels_last": ({}, _channels_last), "compile": ({"compile": True}, None)}
+                 "channels_last": ({}, _channels_last), "compile": ({"compile": True}, None),
+                 "eager_theta0_eps": ({}, _perturbed)}
 
 
 def variant_runner(name, cfg, device):
@@ -276,7 +289,7 @@ def report_compare(args, device):
               f"quartiles {q[0]:.3f}–{q[2]:.3f}, range {min(ratio):.3f}–{max(ratio):.3f}")
     print(f"    same numbers as eager? (bar: float64 100 steps ≤ 1e-9, float32 5 steps ≤ 1e-4 of the distance moved; "
           f"{args.agree_data}, batch 32)")
-    for name in names:
+    for name in [*names, "eager_theta0_eps"]:     # the last: how much rounding alone does on this data
         if name == "eager":
             continue
         d64 = agreement(name, "float64", 100, args.agree_data, 2, 0.01)
