@@ -18,7 +18,8 @@ events; elsewhere with the wall clock (the same code path, with a no-op synchron
 
 ``--compile`` times the one-member step eagerly, with ``torch.compile`` of the model, and the papers'
 own loop (nn.Module parameters, ``torch.optim.SGD``, a per-tensor projection), and checks that the
-compiled step gives the same θ.
+compiled step gives the same θ. The interleaved comparison with the same-numbers bar is
+``benchmarks/bench_trainable.py --compare``.
 """
 from __future__ import annotations
 
@@ -143,8 +144,10 @@ def bench_vmap(model, K, args, device):
 
 
 def papers_loop(model, args, device):
-    """The papers' style of step: module parameters, optim.SGD, per-tensor projection onto the sphere."""
+    """The papers' style of step: module parameters, optim.SGD, per-tensor projection onto the sphere,
+    the papers' layer order (conv-BN-ReLU-pool)."""
     net = build_model(model, args.width or WIDTHS[model], 10, in_channels=3).to(device)
+    net.pool_first = False
     data = load_dataset("synthetic", synthetic_size=(args.train_size, 100), device=device)
     params = si_parameters(net)
     opt = torch.optim.SGD(params, lr=0.01)
@@ -176,7 +179,7 @@ def bench_compile(model, args, device):
     """Eager vs torch.compile'd model in the one-member runner, and the papers' loop; same θ?"""
     eager = make_runner(model, 1, args, device)
     compiled = make_runner(model, 1, args, device)
-    compiled.net.model = torch.compile(compiled.net.model)
+    compiled.net.train_model = torch.compile(compiled.net.model)     # as the runner does for compile: true
     t0 = time.perf_counter()
     compiled._step(0)
     compile_s = time.perf_counter() - t0

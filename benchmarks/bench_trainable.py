@@ -18,11 +18,27 @@ ConvNet(c) on synthetic CIFAR-shaped data (3×32×32, 10 classes), batch B, on t
 It also projects the wall time of a whole paper run from the measured pieces (per-iteration step, per-
 sample full-gradient / test pass, per stochastic gradient, per entropy evaluation), so that a short
 CPU measurement says what a 1.6M-iteration run would cost.
+
+    python benchmarks/bench_trainable.py --compare --threads 2 --rounds 40     # the step side by side
+
+``--compare`` times the one-member step against the papers' own training loop (benchmarks/bench_bundle.py's
+``papers_loop``: module parameters, torch.optim.SGD, a per-tensor projection, conv-BN-ReLU-pool) and the
+candidates of ``STEP_VARIANTS``, interleaved (one block of ``--per-round`` steps of each candidate per
+round, ``--rounds`` rounds), because the machine's load changes faster than a block-by-block comparison
+can follow; it prints, per candidate, the median it/s and the median, quartiles and range of its per-round
+ratio to the papers' loop. Then whether each candidate gives eager's numbers, by the bar of the bundle
+acceptance (tests/test_bundle.py): float64, θ over 100 steps within 1e-9 of the distance moved; float32,
+the first 5 steps within 1e-4 (ConvNet on digits, batch 32, fixed sphere); ``--agree-data synthetic``
+runs the same check on the CIFAR-shaped data. A last row, eager from a θ_0 moved by the dtype's epsilon (rounding-sized),
+shows what rounding alone does on that data: where it fails the bar too (the random CIFAR-shaped data at
+these step sizes), the check cannot tell a sound kernel from a wrong one. On digits (one input channel)
+channels-last changes no layout, so its row there is vacuous.
 """
 from __future__ import annotations
 
 import argparse
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,6 +54,7 @@ from trainables.defaults import DEFAULT_KS, resolve_device            # noqa: E4
 from trainables.schedule import SnapshotPlan, log_iterations          # noqa: E402
 from trainables.sinks import LocalSink                                # noqa: E402
 from trainables.trial import NetworkRunner                            # noqa: E402
+from bench_bundle import papers_loop                                  # noqa: E402
 
 SYNC_METHODS = ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
 
@@ -168,6 +185,119 @@ def bench_entropy(args, device):
     return time.perf_counter() - t0, values
 
 
+# ---- --compare: the one-member step side by side -------------------------------------------------
+
+def _papers_order(runner):
+    runner.model.pool_first = False        # conv-BN-ReLU-pool as written (the runner's step before)
+
+
+def _channels_last(runner):
+    model, forward = runner.model, runner.model.forward
+    model.forward = lambda x: forward(x.contiguous(memory_format=torch.channels_last))
+
+
+def _perturbed(runner):
+    """θ_0 moved at random by its dtype's epsilon (relative): rounding-sized, the control of the check."""
+    theta = runner.theta
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(theta.shape, generator=g, dtype=theta.dtype).to(theta.device)
+    with torch.no_grad():
+        theta.add_(noise * (torch.finfo(theta.dtype).eps * theta.norm() / noise.norm()))
+
+
+# name: (member keys, patch of the built runner); "compile" is the runner's own opt-in
+STEP_VARIANTS = {"eager": ({}, None), "eager_papers_order": ({}, _papers_order),
+                 "channels_last": ({}, _channels_last), "compile": ({"compile": True}, None),
+                 "eager_theta0_eps": ({}, _perturbed)}
+
+
+def variant_runner(name, cfg, device):
+    keys, patch = STEP_VARIANTS[name]
+    runner = NetworkRunner([{**cfg, **keys}], device)
+    if patch is not None:
+        patch(runner)
+    return runner
+
+
+def stepper(runner):
+    """A no-argument step of ``runner`` that counts its own iterations."""
+    t = [0]
+
+    def step():
+        runner._step(t[0])
+        t[0] += 1
+    return step
+
+
+def compare_speed(args, device, names):
+    """Interleaved rounds; per candidate the per-round it/s. The papers' loop is always first."""
+    cfg = dict(model="convnet", width=args.width, dataset="synthetic", protocol="fixed_sphere", lr=args.lr,
+               batch_size=args.batch_size, iterations=10 ** 9, log_schedule="every:1000000000",
+               num_stoch_grads=1, entropy=[], seed=0, device=str(device))
+    bench_args = argparse.Namespace(width=args.width, train_size=args.train_size, batch_size=args.batch_size)
+    steps = {"papers_loop": papers_loop("convnet", bench_args, device)}
+    for name in names:
+        runner = variant_runner(name, cfg, device)
+        runner.data = load_dataset("synthetic", synthetic_size=(args.train_size, args.test_size), device=device)
+        steps[name] = stepper(runner)
+        t0 = time.perf_counter()
+        steps[name]()
+        sync(device)
+        print(f"    {name}: first step {time.perf_counter() - t0:.1f} s", flush=True)
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    rates = {name: [] for name in steps}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(args.per_round):
+                step()
+            sync(device)
+            rates[name].append(args.per_round / (time.perf_counter() - t0))
+    return rates
+
+
+def agreement(name, dtype, steps, data, width, lr):
+    """Largest |θ_variant − θ_eager| / |θ_eager − θ_0| over ``steps`` steps (the bundle acceptance's measure)."""
+    cfg = dict(model="convnet", width=width, dataset=data, protocol="fixed_sphere", lr=lr, batch_size=32, seed=3,
+               iterations=10 ** 9, log_schedule="every:1000000000", num_stoch_grads=1, entropy=[], device="cpu",
+               dtype=dtype)
+    eager, other = NetworkRunner([cfg]), variant_runner(name, cfg, torch.device("cpu"))
+    if data == "synthetic":
+        eager.data = other.data = load_dataset("synthetic", synthetic_size=(512, 64))
+    worst = 0.0
+    for t in range(steps):
+        eager._step(t)
+        other._step(t)
+        moved = (eager.theta - eager.theta0[0]).norm()
+        worst = max(worst, ((other.theta - eager.theta).norm() / moved).item())
+    return worst
+
+
+def report_compare(args, device):
+    names = [n for n in args.candidates if n != "papers_loop"]
+    print(f"--compare: {args.rounds} rounds × {args.per_round} steps of each, interleaved, ConvNet({args.width}), "
+          f"batch {args.batch_size}, CIFAR-shaped synthetic data")
+    rates = compare_speed(args, device, names)
+    base = rates["papers_loop"]
+    for name, r in rates.items():
+        ratio = [a / b for a, b in zip(r, base)]
+        q = statistics.quantiles(ratio, n=4) if len(ratio) > 1 else [ratio[0]] * 3
+        print(f"    {name:20s} {statistics.median(r):7.2f} it/s   / papers' loop: median {statistics.median(ratio):.3f}, "
+              f"quartiles {q[0]:.3f}–{q[2]:.3f}, range {min(ratio):.3f}–{max(ratio):.3f}")
+    print(f"    same numbers as eager? (bar: float64 100 steps ≤ 1e-9, float32 5 steps ≤ 1e-4 of the distance moved; "
+          f"{args.agree_data}, batch 32)")
+    for name in [*names, "eager_theta0_eps"]:     # the last: how much rounding alone does on this data
+        if name == "eager":
+            continue
+        d64 = agreement(name, "float64", 100, args.agree_data, 2, 0.01)
+        d32 = max(agreement(name, "float32", 5, args.agree_data, 4, lr) for lr in (0.001, 0.003, 0.01, 0.03))
+        verdict = "same numbers" if d64 <= 1e-9 and d32 <= 1e-4 else "NOT the same numbers"
+        print(f"    {name:20s} float64 {d64:.1e}, float32 {d32:.1e}: {verdict}", flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto")
@@ -187,6 +317,12 @@ def main(argv=None):
     p.add_argument("--entropy-n", type=int, default=1000, help="(c) N")
     p.add_argument("--entropy-d", type=int, default=24_408, help="(c) D")
     p.add_argument("--skip-span", action="store_true")
+    p.add_argument("--compare", action="store_true", help="only the step side by side (see above)")
+    p.add_argument("--candidates", nargs="+", default=["eager", "eager_papers_order", "channels_last"],
+                   choices=list(STEP_VARIANTS), help="--compare: the runner variants (compile: minutes to compile)")
+    p.add_argument("--rounds", type=int, default=20, help="--compare: interleaved rounds")
+    p.add_argument("--per-round", type=int, default=2, help="--compare: steps of each candidate per round")
+    p.add_argument("--agree-data", default="digits", choices=["digits", "synthetic"])
     args = p.parse_args(argv)
 
     device = resolve_device(args.device)
@@ -195,6 +331,9 @@ def main(argv=None):
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} intra-op threads")
     print(f"ConvNet({args.width}) on synthetic 3x32x32 data, batch {args.batch_size}, fixed_sphere lr {args.lr}, "
           f"{args.train_size} train / {args.test_size} test images")
+    if args.compare:
+        report_compare(args, device)
+        return 0
 
     runner, its, t_step, calls = bench_bare(args, device)
     print(f"(a) bare update loop: {its:.2f} it/s ({1e3 * t_step:.1f} ms/it over {args.bare_iters} steps), D = {runner.D}")

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainables.models import (ConvNet, build_model, flatten_si_parameters, global_norm,
+from trainables.models import (ConvNet, build_bundle, build_model, flatten_si_parameters, global_norm,
                                num_si_params, si_parameters)
 
 
@@ -210,3 +210,40 @@ def test_resnet_shortcut_takes_preactivated_input():
     model(torch.randn(4, 3, 16, 16))
     assert len(seen) == 3  # one projection per stage with a shape change
     assert all(t.min() >= 0 for t in seen)
+
+
+
+
+@pytest.mark.parametrize("dtype,shape,bundle", [(torch.float32, (64, 3, 32, 32), None),
+                                                (torch.float64, (64, 3, 32, 32), None),
+                                                (torch.float32, (32, 1, 8, 8), None),
+                                                (torch.float32, (32, 3, 16, 16), 3)])
+def test_convnet_pool_before_relu_gives_the_papers_bits(dtype, shape, bundle):
+    """ConvNet applies each max pool before the ReLU in front of it (faster); the logits, the gradient
+    and the BN running statistics must be bit for bit those of the papers' conv-BN-ReLU-pool order."""
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=dtype)
+    y = torch.randint(0, 10, (shape[0],))
+    runs = {}
+    for pool_first in (True, False):
+        model = (build_bundle("convnet", 4, 10, [dict(loss="ce", init_seed=s, head_seed=4, radius=1.0)
+                                                 for s in range(bundle)], in_channels=shape[1])
+                 if bundle else build_model("convnet", 4, 10, in_channels=shape[1])).to(dtype)
+        model.pool_first = pool_first
+        relu_inputs = []
+        for m in model.features:
+            if isinstance(m, nn.ReLU):
+                m.register_forward_hook(lambda mod, inp, out: relu_inputs.append(inp[0].shape[-1]))
+        model.train()
+        theta, grad = flatten_si_parameters(model)
+        logits = model(x)
+        loss = (F.cross_entropy(logits.reshape(-1, 10), y.repeat(bundle)) if bundle
+                else F.cross_entropy(logits, y))
+        loss.backward()
+        stats = torch.cat([b for n, b in model.named_buffers() if "running" in n])
+        runs[pool_first] = (logits.detach(), grad.clone(), stats, relu_inputs)
+    fast, papers = runs[True], runs[False]
+    assert fast[3] != papers[3]            # the ReLUs really saw pooled (smaller) inputs
+    assert papers[1].abs().sum() > 0
+    for a, b in zip(fast[:3], papers[:3]):
+        assert torch.equal(a, b)

@@ -31,6 +31,7 @@ import torch
 
 from trainables import metrics as Mx
 from trainables import optimizers, protocols
+from trainables.cuda_graph import replayed_step
 from trainables.data import load_dataset, sample_batch_indices
 from trainables.defaults import DEFAULT_KS, fill_defaults, resolve_device
 from trainables.entropy import knn_graph_entropy
@@ -57,13 +58,27 @@ class _Solo:
         self.model.train()
         self.data = data
         self.theta, self.grad = flatten_si_parameters(self.model)
+        # opt-in (docs/DESIGN.md "The single-member step"): torch.compile of the training forward and
+        # backward only (measurements stay eager), and recording the step once to replay it
+        self.train_model = torch.compile(self.model) if cfg.get("compile") else self.model
+        self.cuda_graph = bool(cfg.get("cuda_graph", False))
+        self._replay = None         # the step's ReplayedStep, made at the first step when cuda_graph is on
 
     def train_losses(self, gens, batch_size, loss):
-        """Draw a minibatch, leave its gradient in ``grad``; the loss, shape (1,)."""
+        """Draw a minibatch, leave its gradient in ``grad``; the loss, shape (1,). With ``cuda_graph``
+        the same work is recorded once and replayed (trainables.cuda_graph; on CUDA only a graph)."""
+        if not self.cuda_graph:
+            return self._losses(gens[0], batch_size, loss)
+        if self._replay is None:
+            self._replay = replayed_step(lambda: self._losses(gens[0], batch_size, loss), gens[0],
+                                         self.theta.device)
+        return self._replay()
+
+    def _losses(self, gen, batch_size, loss):
         x, y = self.data.x_train, self.data.y_train
-        idx = sample_batch_indices(x.shape[0], batch_size, gens[0])
+        idx = sample_batch_indices(x.shape[0], batch_size, gen)
         self.grad.zero_()
-        l = Mx.batch_loss(self.model(x[idx]), y[idx], loss)
+        l = Mx.batch_loss(self.train_model(x[idx]), y[idx], loss)
         l.backward()
         return l.detach().reshape(1)
 
