@@ -87,6 +87,9 @@ def check_members(grid, problems, warnings):
             if cfgs[0]["model"] in member.NETWORKS:
                 for msg in bundle_conflicts(cfgs):
                     refused.setdefault(msg, []).append(trial["trial_id"])
+        if any(cfg.get(key) for _, cfg in grid.members() for key in ("compile", "cuda_graph")):
+            warnings.append("compile / cuda_graph speed up one-member trials only; bundled trials run "
+                            "eagerly (set bundle: [] to use them)")
         for msg, tids in refused.items():
             problems.append(f"bundle: trials ({len(tids)}: {', '.join(tids[:3])}{', ...' if len(tids) > 3 else ''}): {msg}")
     for (is_problem, msg), mids in found.items():

@@ -318,6 +318,11 @@ COMMON = (
     Key("beta1", None, optional(real("beta1", ge=0)), "Adam β1 (none: 0.9)", float, _NET),
     Key("beta2", None, optional(real("beta2", ge=0)), "Adam β2 (none: 0.999)", float, _NET),
     Key("adam_eps", None, optional(real("adam_eps", gt=0)), "Adam ε (none: 1e-8)", float, _NET),
+    Key("compile", ABSENT, flag("compile"),
+        "torch.compile the one-member training step (opt-in; same numbers to rounding, docs/DESIGN.md)",
+        bool, _NET),
+    Key("cuda_graph", ABSENT, flag("cuda_graph"),
+        "record the one-member step once as a CUDA graph and replay it (opt-in, CUDA only)", bool, _NET),
     Key("stop_when", None, stop_when, "stop a member once its U and S (and r) are known (trainables.stopping)",
         dict, STOP_MODELS),
 )
