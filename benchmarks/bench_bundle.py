@@ -36,10 +36,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainables import metrics as Mx                                   # noqa: E402
+from trainables import metrics                                   # noqa: E402
 from trainables.data import load_dataset, sample_batch_indices         # noqa: E402
 from trainables.models import build_model, si_parameters               # noqa: E402
-from trainables.trial import NetworkRunner                             # noqa: E402
+from trainables.network import NetworkRunner                             # noqa: E402
 
 WIDTHS = {"convnet": 8, "resnet18": 4}        # ConvNet-8 and ResNet-18 k=4 (docs/theory.md §1)
 
@@ -126,7 +126,7 @@ def vmap_step(model, K, args, device):
         idx = sample_batch_indices(data.x_train.shape[0], args.batch_size, gen)
         logits = torch.func.vmap(one, in_dims=(0, 0, None), randomness="same")(params, buffers, data.x_train[idx])
         trainable = [v for v in params.values() if v.requires_grad]
-        grads = torch.autograd.grad(Mx.member_batch_losses(logits, data.y_train[idx], "ce").sum(), trainable)
+        grads = torch.autograd.grad(metrics.member_batch_losses(logits, data.y_train[idx], "ce").sum(), trainable)
         return grads
     return step
 

@@ -30,7 +30,7 @@ from engine.plan import DATASET_SHAPES, TABLE             # noqa: E402
 from trainables.data import load_dataset                  # noqa: E402
 from trainables.defaults import resolve_device            # noqa: E402
 from trainables.schedule import log_iterations            # noqa: E402
-from trainables.trial import NetworkRunner                # noqa: E402
+from trainables.network import NetworkRunner                # noqa: E402
 
 
 def sync(device):

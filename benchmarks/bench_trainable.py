@@ -47,13 +47,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainables import entropy as H                                   # noqa: E402
-from trainables import metrics as Mx                                  # noqa: E402
+from trainables import entropy                                 # noqa: E402
+from trainables import metrics                                  # noqa: E402
 from trainables.data import load_dataset                              # noqa: E402
 from trainables.defaults import DEFAULT_KS, resolve_device            # noqa: E402
 from trainables.schedule import SnapshotPlan, log_iterations          # noqa: E402
 from trainables.sinks import LocalSink                                # noqa: E402
-from trainables.trial import NetworkRunner                            # noqa: E402
+from trainables.network import NetworkRunner                            # noqa: E402
 from bench_bundle import papers_loop                                  # noqa: E402
 
 SYNC_METHODS = ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
@@ -65,15 +65,15 @@ def sync(device):
 
 
 def make_runner(args, device, iterations, schedule, window, M):
-    entropy = [{"name": "knn", "window": window, "stride": 1, "ks": list(DEFAULT_KS)}] if window else []
+    specs = [{"name": "knn", "window": window, "stride": 1, "ks": list(DEFAULT_KS)}] if window else []
     cfg = dict(model="convnet", width=args.width, dataset="synthetic", protocol="fixed_sphere", lr=args.lr,
                batch_size=args.batch_size, iterations=iterations, log_schedule=schedule,
-               num_stoch_grads=M, entropy=entropy, seed=0, device=str(device))
+               num_stoch_grads=M, entropy=specs, seed=0, device=str(device))
     runner = NetworkRunner([cfg], device)
     # the runner loads the default synthetic size; swap in the requested one (same shapes and classes)
     runner.data = load_dataset("synthetic", synthetic_size=(args.train_size, args.test_size),
                                device=device)
-    return runner, entropy
+    return runner, specs
 
 
 def count_host_syncs(runner, steps, start):
@@ -117,17 +117,17 @@ def bench_pieces(runner, args, device):
     d = runner.data
     sync(device)
     t0 = time.perf_counter()
-    Mx.full_gradient(runner.model, d.x_train, d.y_train, runner.grad, runner.loss)
+    metrics.full_gradient(runner.model, d.x_train, d.y_train, runner.grad, runner.loss)
     sync(device)
     t_full = (time.perf_counter() - t0) / d.x_train.shape[0]
     t0 = time.perf_counter()
-    Mx.evaluate(runner.model, d.x_test, d.y_test, runner.loss)
+    metrics.evaluate(runner.model, d.x_test, d.y_test, runner.loss)
     sync(device)
     t_test = (time.perf_counter() - t0) / d.x_test.shape[0]
     gen = torch.Generator(device=device).manual_seed(7)
     n = 5
     t0 = time.perf_counter()
-    for g in Mx.stochastic_gradients(runner.model, d.x_train, d.y_train, runner.grad, runner.loss, n,
+    for g in metrics.stochastic_gradients(runner.model, d.x_train, d.y_train, runner.grad, runner.loss, n,
                                      runner.batch_size, gen):
         g.sum()
     sync(device)
@@ -177,10 +177,10 @@ def bench_entropy(args, device):
     steps = 1e-3 * torch.randn(args.entropy_n, args.entropy_d, generator=g) / args.entropy_d ** 0.5
     window = start + steps.cumsum(0)
     window = (window / window.norm(dim=1, keepdim=True)).to(device)
-    H.knn_graph_entropy(window[:50], DEFAULT_KS)  # warm-up
+    entropy.knn_graph_entropy(window[:50], DEFAULT_KS)  # warm-up
     sync(device)
     t0 = time.perf_counter()
-    values = H.knn_graph_entropy(window, DEFAULT_KS)
+    values = entropy.knn_graph_entropy(window, DEFAULT_KS)
     sync(device)
     return time.perf_counter() - t0, values
 

@@ -13,7 +13,7 @@ import torch
 
 from engine.grid import GridError, load_grid
 from trainables.sinks import LocalSink
-from trainables.trial import NetworkRunner
+from trainables.network import NetworkRunner
 
 
 def config(**kw):

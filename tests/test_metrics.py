@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainables import metrics as Mx
+from trainables import metrics
 from trainables.data import load_dataset
 from trainables.models import build_model, flatten_si_parameters
 
@@ -44,7 +44,7 @@ def orthogonal_example():
 
 def test_gradient_noise_stats_known_answers():
     gbar, grads = orthogonal_example()
-    s = Mx.gradient_noise_stats(gbar, iter(grads))
+    s = metrics.gradient_noise_stats(gbar, iter(grads))
     # |e_i| = 1, 2, 2 → rms = sqrt((1 + 4 + 4)/3) = sqrt(3), mean = 5/3
     # |g_i| = sqrt(9 + |e_i|²) = sqrt(10), sqrt(13), sqrt(13)
     assert s["full_grad_norm"].item() == pytest.approx(3.0, rel=1e-12)
@@ -67,20 +67,20 @@ def test_gradient_noise_stats_with_a_reused_buffer():
             buf.copy_(g)
             yield buf
 
-    s = Mx.gradient_noise_stats(gbar, shared())
+    s = metrics.gradient_noise_stats(gbar, shared())
     assert s["stoch_grad_rms"].item() == pytest.approx(math.sqrt(3.0), rel=1e-12)
     assert s["noise_mean_norm"].item() == pytest.approx(5.0 / 3.0, rel=1e-12)
 
 
 def test_gradient_noise_stats_needs_one_gradient():
     with pytest.raises(ValueError, match="num_stoch_grads"):
-        Mx.gradient_noise_stats(torch.zeros(3), iter([]))
+        metrics.gradient_noise_stats(torch.zeros(3), iter([]))
 
 
 def test_variance_terms_by_hand():
     stats = {"stoch_grad_rms": torch.tensor(2.0, dtype=torch.float64),
              "full_grad_norm": torch.tensor(0.5, dtype=torch.float64)}
-    v = Mx.variance_terms(stats, torch.tensor(3.0), D=10)
+    v = metrics.variance_terms(stats, torch.tensor(3.0), D=10)
     assert v["trace_sigma"].item() == pytest.approx(4.0 * 9.0)      # rms² r²
     assert v["grad_sq"].item() == pytest.approx(0.25 * 9.0)         # |ḡ|² r²
     assert v["sigma2"].item() == pytest.approx(36.0 / 9.0)          # tr Σ / (D − 1)
@@ -92,12 +92,12 @@ def test_loss_sum_matches_torch_losses():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(7, 10, generator=g)
     y = torch.randint(0, 10, (7,), generator=g)
-    assert Mx.batch_loss(logits, y, "ce").item() == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
+    assert metrics.batch_loss(logits, y, "ce").item() == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
     onehot = torch.zeros(7, 10)
     onehot[torch.arange(7), y] = 1.0
     # MSE: squared error summed over the 10 classes, averaged over the 7 samples (docs/theory.md §3)
-    assert Mx.batch_loss(logits, y, "mse").item() == pytest.approx(10 * F.mse_loss(logits, onehot).item(), rel=1e-6)
-    assert Mx.loss_sum(logits, y, "mse").item() == pytest.approx(70 * F.mse_loss(logits, onehot).item(), rel=1e-6)
+    assert metrics.batch_loss(logits, y, "mse").item() == pytest.approx(10 * F.mse_loss(logits, onehot).item(), rel=1e-6)
+    assert metrics.loss_sum(logits, y, "mse").item() == pytest.approx(70 * F.mse_loss(logits, onehot).item(), rel=1e-6)
 
 
 def test_mse_sums_over_classes_by_hand():
@@ -105,8 +105,8 @@ def test_mse_sums_over_classes_by_hand():
     # sample 1: (1 − 1)² + (2 − 0)² + (0 − 0)² = 4; sample 2: (0.5)² + (−1)² + (3 − 1)² = 5.25
     logits = torch.tensor([[1.0, 2.0, 0.0], [0.5, -1.0, 3.0]])
     y = torch.tensor([0, 2])
-    assert Mx.loss_sum(logits, y, "mse").item() == pytest.approx(9.25, abs=1e-7)
-    assert Mx.batch_loss(logits, y, "mse").item() == pytest.approx(4.625, abs=1e-7)
+    assert metrics.loss_sum(logits, y, "mse").item() == pytest.approx(9.25, abs=1e-7)
+    assert metrics.batch_loss(logits, y, "mse").item() == pytest.approx(4.625, abs=1e-7)
 
 
 # ---- full gradient ------------------------------------------------------------------------------
@@ -116,7 +116,7 @@ def test_full_gradient_one_chunk_is_the_mean_loss_gradient(digits, loss):
     x, y, _, _ = digits
     model, theta, grad, ref = twin_models(loss)
     grad.fill_(7.0)  # stale content must be cleared
-    train_loss, train_acc = Mx.full_gradient(model, x, y, grad, loss)  # 300 samples < one chunk of 1024
+    train_loss, train_acc = metrics.full_gradient(model, x, y, grad, loss)  # 300 samples < one chunk of 1024
     ref.train()
     out = ref(x)
     if loss == "ce":
@@ -134,7 +134,7 @@ def test_full_gradient_chunked_is_chunk_sum_over_n(digits):
     x, y, _, _ = digits
     n, chunk = x.shape[0], 64
     model, theta, grad, ref = twin_models()
-    Mx.full_gradient(model, x, y, grad, "ce", chunk=chunk)
+    metrics.full_gradient(model, x, y, grad, "ce", chunk=chunk)
     ref.train()
     total = None
     loss_total = 0.0
@@ -158,7 +158,7 @@ def test_full_gradient_is_tangent_and_leaves_theta(digits):
     x, y, _, _ = digits
     model, theta, grad, _ = twin_models()
     before = theta.clone()
-    Mx.full_gradient(model, x, y, grad, "ce", chunk=128)
+    metrics.full_gradient(model, x, y, grad, "ce", chunk=128)
     assert torch.equal(theta, before)
     assert abs(torch.dot(theta, grad).item()) < 2e-3 * theta.norm().item() * grad.norm().item()
 
@@ -169,11 +169,11 @@ def test_evaluate_uses_eval_mode_and_restores_train_mode(digits):
     x, y, xt, yt = digits
     model, theta, grad, ref = twin_models()
     # give BN some running statistics first (identical in both nets)
-    Mx.full_gradient(model, x, y, grad, "ce")
+    metrics.full_gradient(model, x, y, grad, "ce")
     ref.train()
     with torch.no_grad():
         ref(x)
-    loss, acc = Mx.evaluate(model, xt, yt, "ce", chunk=32)
+    loss, acc = metrics.evaluate(model, xt, yt, "ce", chunk=32)
     assert model.training
     ref.eval()
     with torch.no_grad():
@@ -192,7 +192,7 @@ def test_stochastic_gradients_do_not_step_and_match_autograd(digits):
     before = theta.clone()
     gen = torch.Generator().manual_seed(5)
     replay = torch.Generator().manual_seed(5)
-    got = [g.clone() for g in Mx.stochastic_gradients(model, x, y, grad, "ce", 3, 16, gen)]
+    got = [g.clone() for g in metrics.stochastic_gradients(model, x, y, grad, "ce", 3, 16, gen)]
     assert len(got) == 3
     assert torch.equal(theta, before)
     ref.train()

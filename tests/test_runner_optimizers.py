@@ -11,7 +11,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from trainables.data import load_dataset
 from trainables.models import build_model, si_parameters
-from trainables.trial import NetworkRunner
+from trainables.network import NetworkRunner
 
 
 def config(**kw):

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from trainables import entropy as H
+from trainables import entropy
 from trainables.schedule import (SnapshotPlan, log_iterations, window_complete, window_iterations)
 from trainables.sinks import LocalSink
 
@@ -135,8 +135,8 @@ def test_local_sink_complete_and_incomplete_windows():
     rows = sink.evaluate(20)
     for m in range(2):
         window = torch.stack([snaps[i][m] for i in range(16, 21)])
-        expected = {f"entropy_knn_k{k}": v for k, v in H.knn_graph_entropy(window, [1, 2, 50]).items()}
-        expected["window_radius"] = expected["window_radius_knn"] = H.window_radius(window)
+        expected = {f"entropy_knn_k{k}": v for k, v in entropy.knn_graph_entropy(window, [1, 2, 50]).items()}
+        expected["window_radius"] = expected["window_radius_knn"] = entropy.window_radius(window)
         assert set(rows[m]) == {"entropy_knn_k1", "entropy_knn_k2", "entropy_knn_k4", "window_radius",
                                 "window_radius_knn"}
         for key, v in expected.items():
@@ -156,7 +156,7 @@ def test_local_sink_stride_and_kl_and_state_round_trip():
         sink.put(i, snaps[i])  # only multiples of 5 are kept
     rows = sink.evaluate(33)  # window 20, 25, 30
     window = torch.stack([snaps[i][0] for i in (20, 25, 30)])
-    s_sphere, s_full = H.kl_sphere_entropy(window)
+    s_sphere, s_full = entropy.kl_sphere_entropy(window)
     assert rows[0]["entropy_kl_sphere"] == pytest.approx(s_sphere, rel=1e-12)
     assert rows[0]["entropy_kl_full"] == pytest.approx(s_full, rel=1e-12)
 

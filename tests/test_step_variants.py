@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from trainables import cuda_graph
-from trainables.trial import NetworkRunner
+from trainables.network import NetworkRunner
 
 
 def config(**kw):

@@ -1,5 +1,5 @@
 """The stopping rule (trainables.stopping) on series with known statistics, the vMF bundle that
-lets stopped members leave its batch, and network members (trainables.trial) that stop, alone, in a
+lets stopped members leave its batch, and network members (trainables.network) that stop, alone, in a
 bundle and through Ray Tune + MLflow (the session Ray of tests/conftest.py)."""
 import math
 
@@ -105,7 +105,7 @@ def test_vmf_member_stops_leaves_the_batch_and_resumes_exactly():
     assert plain.status == ["done", "done"]
 
 
-# ---- network members (trainables.trial.NetworkRunner) ------------------------------------------------
+# ---- network members (trainables.network.NetworkRunner) ------------------------------------------------
 # ConvNet(c=1) on 30 digits per class at η = 1: chance accuracy, a loss that fluctuates around ~6 from
 # the first log rows on (stationary and noisy), so a loose target stops it within a few hundred steps;
 # η = 0.01 drifts down slowly and must run on.
@@ -123,7 +123,7 @@ def _net(lr, stop_when=None, **kw):
 
 
 def _train(members):
-    from trainables.trial import NetworkRunner
+    from trainables.network import NetworkRunner
     runner = NetworkRunner(members)
     sink = LocalSink(members[0]["entropy"], len(members), runner.D)
     return runner, sink, list(runner.run(sink))
@@ -214,7 +214,7 @@ def test_op_converged_member_is_never_stopped():
 
 
 def _train_plain(member):
-    from trainables.trial import NetworkRunner
+    from trainables.network import NetworkRunner
     runner = NetworkRunner([member])
     return runner, None, list(runner.run(None))
 
@@ -222,7 +222,7 @@ def _train_plain(member):
 def test_network_checkpoint_before_the_stop_restores_to_the_same_stop():
     import io
 
-    from trainables.trial import NetworkRunner
+    from trainables.network import NetworkRunner
     cfg = _net(1.0, NET_STOP)
     whole, _, events = _train([cfg])
     t_stop = _rows(events, 0)[-1]["stopped_at"]

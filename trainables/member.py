@@ -157,7 +157,7 @@ def _ks(v):
 
 
 def _dtypes():
-    from trainables.trial import DTYPES   # the network runner owns its dtypes (imported late: no cycle)
+    from trainables.network import DTYPES   # the network runner owns its dtypes (imported late: no cycle)
     return DTYPES
 
 

@@ -41,7 +41,7 @@ def make_runner(members: list[dict], device=None):
         raise ValueError(f"a bundle must share one model, got {sorted(models)}")
     model = models.pop()
     if model in NETWORK_MODELS:
-        from trainables.trial import NetworkRunner
+        from trainables.network import NetworkRunner
         return NetworkRunner(members, device)
     if model in member.toys():
         return member.toys()[model].Runner(members, device)

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from trainables import entropy as H
+from trainables import entropy
 from trainables.schedule import window_complete, window_iterations
 
 
@@ -24,16 +24,16 @@ def window_entropy(window: torch.Tensor, spec: dict) -> dict[str, float]:
     """Entropy metrics of one member's window (N, D) for one estimator spec (docs/theory.md §4)."""
     out: dict[str, float] = {}
     if spec["name"] == "knn":
-        ks = spec.get("ks") or H.DEFAULT_KS
-        for k, v in H.knn_graph_entropy(window, ks).items():
+        ks = spec.get("ks") or entropy.DEFAULT_KS
+        for k, v in entropy.knn_graph_entropy(window, ks).items():
             out[f"entropy_knn_k{k}"] = float(v)
     elif spec["name"] == "kl":
-        s_sphere, s_full = H.kl_sphere_entropy(window, standardize=bool(spec.get("standardize", False)))
+        s_sphere, s_full = entropy.kl_sphere_entropy(window, standardize=bool(spec.get("standardize", False)))
         out["entropy_kl_sphere"] = float(s_sphere)
         out["entropy_kl_full"] = float(s_full)
     else:
         raise ValueError(f"unknown entropy estimator '{spec['name']}' (use knn or kl)")
-    out[f"window_radius_{spec['name']}"] = float(H.window_radius(window))
+    out[f"window_radius_{spec['name']}"] = float(entropy.window_radius(window))
     return without_nonfinite(out)
 
 

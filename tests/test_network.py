@@ -1,4 +1,4 @@
-"""Tests for trainables.trial.NetworkRunner (docs/DESIGN.md "Runners", docs/theory.md §2–§3).
+"""Tests for trainables.network.NetworkRunner (docs/DESIGN.md "Runners", docs/theory.md §2–§3).
 
 Tiny ConvNet(c=2) on sklearn digits (D = 1,530), a few dozen iterations, small M and windows.
 """
@@ -14,7 +14,7 @@ from conftest import BASE_NAMES
 from trainables.data import load_dataset
 from trainables.models import build_model, si_parameters
 from trainables.sinks import LocalSink
-from trainables.trial import NetworkRunner
+from trainables.network import NetworkRunner
 
 
 KS = [1, 2, 5, 10, 1000]
@@ -222,20 +222,20 @@ def test_members_that_cannot_share_a_model_are_refused():
 def test_test_pass_follows_the_full_pass_before_the_stochastic_gradients():
     """docs/theory.md §3 (corrected 2026-12-02): the eval-mode test metrics use the BN running statistics that
     the 1024-chunk full pass left, not those of the M stochastic-gradient passes that follow it."""
-    from trainables import metrics as Mx
+    from trainables import metrics
     runner, _ = make(config(log_schedule="free_energy", iterations=3, entropy=[], num_stoch_grads=5))
     row = next(iter(runner.run(None)))["rows"][0]
     data = load_dataset("digits")
     model = build_model("convnet", 2, 10, in_channels=1)
     grad = torch.zeros(sum(p.numel() for p in si_parameters(model)))
-    Mx.full_gradient(model, data.x_train, data.y_train, grad, "ce")   # BN running stats of the full pass
-    test_loss, test_acc = Mx.evaluate(model, data.x_test, data.y_test, "ce")
+    metrics.full_gradient(model, data.x_train, data.y_train, grad, "ce")   # BN running stats of the full pass
+    test_loss, test_acc = metrics.evaluate(model, data.x_test, data.y_test, "ce")
     assert row["test_loss"] == pytest.approx(test_loss.item(), rel=1e-5)
     # after the stochastic passes the statistics (and so the test loss) would be another
     gen = torch.Generator().manual_seed(0)
-    for _ in Mx.stochastic_gradients(model, data.x_train, data.y_train, grad, "ce", 5, 32, gen):
+    for _ in metrics.stochastic_gradients(model, data.x_train, data.y_train, grad, "ce", 5, 32, gen):
         pass
-    later, _ = Mx.evaluate(model, data.x_test, data.y_test, "ce")
+    later, _ = metrics.evaluate(model, data.x_test, data.y_test, "ce")
     assert abs(later.item() - test_loss.item()) > 1e-3 * abs(test_loss.item())
 
 
@@ -298,8 +298,8 @@ def test_log_row_values_are_consistent_with_theory():
 @pytest.mark.parametrize("protocol,r0,wd,lr", [("fixed_sphere", 2.0, 0.0, 0.05), ("fixed_elr", 1.5, 0.01, 0.01),
                                                ("fixed_lr", 1.0, 0.01, 0.05)])
 def test_stochastic_entropy_of_the_displacements_by_hand(protocol, r0, wd, lr):
-    from trainables import metrics as Mx
-    from trainables.trial import METRIC_SEED_OFFSET
+    from trainables import metrics
+    from trainables.network import METRIC_SEED_OFFSET
     M = 9
     cfg = config(iterations=20, log_schedule="every:10", num_stoch_grads=M, radius=r0, lr=lr, wd=wd,
                  protocol=protocol, entropy=[{"name": "knn", "window": 4, "ks": [1, 3]}])
@@ -317,7 +317,7 @@ def test_stochastic_entropy_of_the_displacements_by_hand(protocol, r0, wd, lr):
     gen = torch.Generator().manual_seed(cfg["seed"] + METRIC_SEED_OFFSET)
     d = runner.data
     for _ in range(2):                                              # log steps 10 and 20 draw M each
-        grads = [g.clone() for g in Mx.stochastic_gradients(runner.model, d.x_train, d.y_train,
+        grads = [g.clone() for g in metrics.stochastic_gradients(runner.model, d.x_train, d.y_train,
                                                             runner.grad, runner.loss, M,
                                                             cfg["batch_size"], gen)]
     # the step really taken: η_eff r² on the sphere and for fixed ELR, η for fixed LR (docs/theory.md §2)
@@ -334,7 +334,7 @@ def test_stochastic_entropy_of_the_displacements_by_hand(protocol, r0, wd, lr):
 
 
 def test_stochastic_entropy_memory_limit_is_explained(monkeypatch):
-    import trainables.trial as trial
+    import trainables.network as trial
     monkeypatch.setattr(trial, "STOCH_ENTROPY_MAX_BYTES", 1000)
     with pytest.raises(ValueError, match="lower num_stoch_grads or set stochastic_entropy: false"):
         NetworkRunner([config(num_stoch_grads=4, stochastic_entropy=True)])

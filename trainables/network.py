@@ -29,7 +29,7 @@ from typing import Iterator
 
 import torch
 
-from trainables import metrics as Mx
+from trainables import metrics
 from trainables import optimizers, protocols
 from trainables.cuda_graph import replayed_step
 from trainables.data import load_dataset, sample_batch_indices
@@ -78,20 +78,20 @@ class _Solo:
         x, y = self.data.x_train, self.data.y_train
         idx = sample_batch_indices(x.shape[0], batch_size, gen)
         self.grad.zero_()
-        l = Mx.batch_loss(self.train_model(x[idx]), y[idx], loss)
+        l = metrics.batch_loss(self.train_model(x[idx]), y[idx], loss)
         l.backward()
         return l.detach().reshape(1)
 
     def full_pass(self, loss):
         d = self.data
-        return Mx.full_gradient(self.model, d.x_train, d.y_train, self.grad, loss)
+        return metrics.full_gradient(self.model, d.x_train, d.y_train, self.grad, loss)
 
     def test_pass(self, loss):
-        return Mx.evaluate(self.model, self.data.x_test, self.data.y_test, loss)
+        return metrics.evaluate(self.model, self.data.x_test, self.data.y_test, loss)
 
     def stochastic_gradients(self, gens, M, batch_size, loss):
         d = self.data
-        return Mx.stochastic_gradients(self.model, d.x_train, d.y_train, self.grad, loss, M, batch_size, gens[0])
+        return metrics.stochastic_gradients(self.model, d.x_train, d.y_train, self.grad, loss, M, batch_size, gens[0])
 
 
 class _Bundle:
@@ -121,7 +121,7 @@ class _Bundle:
 
     def _backward_losses(self, xb, yb, loss):
         self.flat.flat_grad.zero_()
-        losses = Mx.member_batch_losses(self.model(xb), yb, loss)
+        losses = metrics.member_batch_losses(self.model(xb), yb, loss)
         losses.sum().backward()          # member k's loss depends on member k's weights only
         self.flat.store_grad()
         return losses.detach()
@@ -133,12 +133,12 @@ class _Bundle:
     def full_pass(self, loss):
         self.flat.load()
         d = self.data
-        out = Mx.full_gradient(self.model, d.x_train, d.y_train, self.flat.flat_grad, loss)
+        out = metrics.full_gradient(self.model, d.x_train, d.y_train, self.flat.flat_grad, loss)
         self.flat.store_grad()
         return out
 
     def test_pass(self, loss):
-        return Mx.evaluate(self.model, self.data.x_test, self.data.y_test, loss)
+        return metrics.evaluate(self.model, self.data.x_test, self.data.y_test, loss)
 
     def stochastic_gradients(self, gens, M, batch_size, loss):
         self.model.train()
@@ -304,7 +304,7 @@ class NetworkRunner:
         gbar = self.grad.clone()
         test_loss, test_acc = self.net.test_pass(self.loss)
         grads = self.net.stochastic_gradients(self.metric_gens, self.num_stoch_grads, self.batch_size, self.loss)
-        stats = Mx.gradient_noise_stats(gbar, grads if self.stoch_entropy_ks is None else self._kept(grads))
+        stats = metrics.gradient_noise_stats(gbar, grads if self.stoch_entropy_ks is None else self._kept(grads))
         radius = protocols.norm(self.theta)
         names = [*METRIC_NAMES, *stats]
         values = torch.stack([v.double().reshape(K) for v in (train_loss, train_acc, test_loss, test_acc,
@@ -317,7 +317,7 @@ class NetworkRunner:
             if entropy is not None:
                 row.update(entropy[k])
             r_bar = row.get("window_radius", row["radius"])
-            row.update(Mx.variance_terms(row, r_bar, self.D))
+            row.update(metrics.variance_terms(row, r_bar, self.D))
         return rows
 
     def _stochastic_entropy(self, k: int, radius: float) -> dict:
