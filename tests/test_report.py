@@ -356,12 +356,16 @@ def test_a_new_section_module_joins_the_report_with_no_other_edit(store, tmp_pat
     for name in [m for m in sys.modules if m == "analysis" or m.startswith("analysis.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.syspath_prepend(str(tmp_path / "pkg"))
-    import analysis.report as copied_report
-    import analysis.sections as copied_sections
-    assert copied_report.__file__.startswith(str(copy)) and copied_sections.__file__.startswith(str(copy))
-    out = tmp_path / "out"
-    assert copied_report.main(["--experiment", "fe_sweep", "--tracking-uri", store["uri"], "--out", str(out),
-                               "--no-upload", "--no-uniform-loss", "--uniform-n", "100"]) == 0
+    try:
+        import analysis.report as copied_report
+        import analysis.sections as copied_sections
+        assert copied_report.__file__.startswith(str(copy)) and copied_sections.__file__.startswith(str(copy))
+        out = tmp_path / "out"
+        assert copied_report.main(["--experiment", "fe_sweep", "--tracking-uri", store["uri"], "--out", str(out),
+                                   "--no-upload", "--no-uniform-loss", "--uniform-n", "100"]) == 0
+    finally:   # drop the copy's modules; monkeypatch then puts the repository's back
+        for name in [m for m in sys.modules if m == "analysis" or m.startswith("analysis.")]:
+            del sys.modules[name]
     summary = pd.read_csv(out / "summary.csv")
     sections_run = list(dict.fromkeys(summary["section"]))
     assert "member_count" in sections_run
