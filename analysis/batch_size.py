@@ -14,6 +14,8 @@ the covariance (var a + var c + 2 cov(a, c)), not from c alone:
     too much scatter to tell a dependence on η/B from one on η alone).
 The line also says whether c's interval holds −1, the stronger T ∝ η/B of the free-energy paper's
 summary (which needs a = 1 as well).
+
+The report section is analysis.sections.batch_size.
 """
 
 from __future__ import annotations
@@ -124,7 +126,7 @@ def free_energy_points(tab, entropy_key, opts, rep_axes=()) -> list:
     does for members sharing an η), then ``fit_temperature``; the interior segment points (those the
     §5 power law uses). Returns (rows, notes)."""
     from analysis.free_energy import fit_temperature
-    from analysis.sections import group_members
+    from analysis.sections.common import group_members
 
     rows, notes = [], []
     for label, g in group_members(tab, ("lr", "batch_size", *rep_axes)):
@@ -148,7 +150,7 @@ def free_energy_points(tab, entropy_key, opts, rep_axes=()) -> list:
 def ideal_gas_points(tab, rep_axes=()) -> list:
     """§7 temperatures (T = η_eff σ²/2, or the fixed-LR form) per member, averaged over seeds."""
     from analysis.replicates import ideal_gas_predictions
-    from analysis.sections import group_members
+    from analysis.sections.common import group_members
 
     t = ideal_gas_predictions(tab)
     if "T_ig" not in t.columns:
@@ -159,84 +161,3 @@ def ideal_gas_points(tab, rep_axes=()) -> list:
             rows.append({"group": label, "source": "ideal gas (σ²)", "batch_size": int(B),
                          "lr": float(lr), "T": float(gl["T_ig"].mean())})
     return rows
-
-
-# -----------------------------------------------------------------------------
-# report section
-
-def batch_size_section(sweep, out_dir, opts):
-    """Issue #12: T(η) per B, T against η/B, the fit T ≈ b η^a B^c and the η/B verdict."""
-    import pandas as pd
-
-    from analysis.replicates import replicate_axes
-    from analysis.sections import SectionResult, Skip, member_table, write_table
-
-    res = SectionResult("batch_size")
-    tab = member_table(sweep)
-    nB = tab["batch_size"].nunique() if "batch_size" in tab.columns else 0
-    if nB < 2:
-        raise Skip(f"the sweep has {nB} batch size(s); the batch-size analysis needs ≥ 2 "
-                   "(put batch_size on an axis)")
-    if "lr" not in tab.columns:
-        raise Skip("members have no lr param")
-    rep = replicate_axes(tab)
-    rows, notes = [], []
-    names = sweep.metric_names
-    if "train_loss" in names and any(n.startswith("entropy_knn_k") for n in names):
-        from analysis.report import _knn_k
-        K = _knn_k(names, opts.k_max)
-        rows, notes = free_energy_points(tab, f"entropy_knn_k{K}", opts, rep)
-    rows += ideal_gas_points(tab, rep)
-    res.notes += notes
-    if not rows:
-        raise Skip("no temperature: needs train_loss with a k-NN entropy (§5) or trace_sigma (§7); "
-                   + ("; ".join(notes) or "neither was logged"))
-    points = pd.DataFrame(rows)
-    if rep:
-        res.notes.append(f"seeds ({', '.join(rep)}) averaged per (η, B) before the fits")
-    for (label, source), p in points.groupby(["group", "source"], sort=True):
-        try:
-            fit = fit_batch_power_law(p["lr"], p["batch_size"], p["T"], LEVEL)
-        except ValueError as e:
-            res.notes.append(f"group {label}, {source}: {e}")
-            continue
-        res.notes.append(f"group {label}, {source}: {fit.verdict_line()}")
-        res.figures.append(_batch_figure(p, fit, out_dir, label, source))
-        res.summary_rows.append({
-            "group": label, "source": source, "n_points": fit.n, "n_batch_sizes": p["batch_size"].nunique(),
-            "a": fit.a, "a_half": fit.half_a, "c": fit.c, "c_half": fit.half_c, "a_plus_c": fit.a + fit.c,
-            "a_plus_c_half": fit.half_sum, "b": fit.b, "r2": fit.r2, "level": LEVEL,
-            "verdict": fit.verdict()})
-    write_table(points, out_dir, "batch_size_temperatures.csv", res)
-    if not res.summary_rows:
-        raise Skip("no group could be fitted: " + "; ".join(res.notes))
-    return res
-
-
-def _batch_figure(p, fit, out_dir, label, source):
-    from analysis import figures as fg
-    from analysis.sections import slug
-
-    fig, ax = fg.figure(2, width=5.6)
-    Bs = np.sort(p["batch_size"].unique())
-    colors, sm = fg.value_colors(Bs)
-    for B, col in zip(Bs, colors):
-        q = p[p["batch_size"] == B].sort_values("lr")
-        ax[0, 0].plot(q["lr"], q["T"], "o", color=col, ms=5)
-        ax[0, 0].plot(q["lr"], fit.predict(q["lr"], B), "-", color=col, lw=1)
-        ax[0, 1].plot(q["lr"] / B, q["T"], "o-", color=col, ms=5, lw=0.8)
-    ratio = np.geomspace((p["lr"] / p["batch_size"]).min(), (p["lr"] / p["batch_size"]).max(), 30)
-    ax[0, 1].plot(ratio, fit.b * ratio ** fit.a * np.median(Bs) ** (fit.a + fit.c), "k--", lw=1,
-                  label=f"fit at B = {np.median(Bs):.4g}")
-    ax[0, 0].set_xlabel(fg.ETA)
-    ax[0, 1].set_xlabel(r"$\eta / B$")
-    ax[0, 0].set_title(fr"$T \approx {fit.b:.3g}\,\eta^{{{fit.a:.3f}}} B^{{{fit.c:.3f}}}$")
-    ax[0, 1].set_title(f"collapse? a + c = {fit.a + fit.c:.3f} ± {fit.half_sum:.2g}")
-    for a in ax[0]:
-        a.set_xscale("log")
-        a.set_yscale("log")
-        a.set_ylabel(f"temperature T ({source})")
-    ax[0, 1].legend()
-    fg.colorbar(fig, ax, sm, label="batch size B")
-    fig.suptitle(f"batch size, {label}")
-    return fg.save(fig, out_dir, f"bs_{slug(label)}_{slug(source.split(' (')[0])}.png")

@@ -1,7 +1,9 @@
 """Ideal-gas law, potentials and Maxwell relations (docs/theory.md §7).
 
 Dictionary: pressure p = λ, volume V = r²/2, gas constant R = (D − 1)/2, so pV = R T.
-``lr`` is η_eff on fixed_sphere / fixed_elr and η on fixed_lr (DESIGN.md), ``sigma2`` is
+What ``lr`` means (η_eff or η) and whether λ applies are the protocol's (trainables.protocols:
+η_eff on fixed_sphere / fixed_elr, η on fixed_lr). The temperature and radius formulas live here
+only; the toys report uses them with σ = the toy's noise. ``sigma2`` is
 σ² = tr Σ / (D − 1), ``trace_sigma`` = tr Σ and ``grad_sq`` = G², both rescaled to the
 unit sphere (docs/theory.md §3). All functions broadcast over numpy arrays.
 """
@@ -12,12 +14,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-PROTOCOLS = ("fixed_sphere", "fixed_elr", "fixed_lr")
+from trainables.protocols import PROTOCOLS, protocol as protocol_of
+
+WITH_RADIUS = tuple(p for p in PROTOCOLS if protocol_of(p).uses_wd)   # λ applies: a stationary radius
 
 
 def _check_protocol(protocol, allowed=PROTOCOLS):
+    """The Protocol object of ``protocol`` (ValueError unless it is one of ``allowed``)."""
     if protocol not in allowed:
         raise ValueError(f"protocol must be one of {allowed}, got {protocol!r}")
+    return protocol_of(protocol)
 
 
 def _check_D(D):
@@ -43,11 +49,11 @@ def temperature(protocol, lr, wd, sigma2, D):
 
     fixed_sphere / fixed_elr: T = η_eff σ² / 2; fixed_lr: T = sqrt(η λ σ² / (2 (D − 1))).
     """
-    _check_protocol(protocol)
+    proto = _check_protocol(protocol)
     _check_D(D)
     lr = np.asarray(lr, dtype=np.float64)
     sigma2 = np.asarray(sigma2, dtype=np.float64)
-    if protocol == "fixed_lr":
+    if not proto.lr_is_effective:
         wd = _positive("wd", wd)
         return np.sqrt(lr * wd * sigma2 / (2.0 * (D - 1)))
     return lr * sigma2 / 2.0
@@ -58,7 +64,7 @@ def radius_sde(protocol, lr, wd, sigma2, D):
 
     fixed_elr: r* = sqrt(η_eff σ² (D−1)/(2λ)); fixed_lr: r* = (η σ² (D−1)/(2λ))^{1/4}.
     """
-    _check_protocol(protocol, ("fixed_elr", "fixed_lr"))
+    _check_protocol(protocol, WITH_RADIUS)
     wd = _positive("wd", wd)
     T = temperature(protocol, lr, wd, sigma2, D)
     return np.sqrt(T * (D - 1) / wd)
@@ -69,10 +75,10 @@ def radius_discrete(protocol, lr, wd, trace_sigma, grad_sq):
 
     fixed_elr: r*² = η_eff (tr Σ + G²)/(2λ); fixed_lr: r*⁴ = η (tr Σ + G²)/(2λ).
     """
-    _check_protocol(protocol, ("fixed_elr", "fixed_lr"))
+    proto = _check_protocol(protocol, WITH_RADIUS)
     wd = _positive("wd", wd)
     q = np.asarray(lr, dtype=np.float64) * (np.asarray(trace_sigma) + np.asarray(grad_sq)) / (2.0 * wd)
-    return np.sqrt(q) if protocol == "fixed_elr" else q**0.25
+    return np.sqrt(q) if proto.lr_is_effective else q**0.25
 
 
 def effective_pressure(r_tilde, r0, lr_eff):
@@ -151,6 +157,17 @@ class MaxwellFit:
         """(∂S/∂x, ∂S/∂y) of the fitted quadratic at (x, y)."""
         return _quadratic_slopes(self.coef, x, y)
 
+    def ratio_at(self, x, y, D):
+        """The first Maxwell ratio taken at (x, y) instead of at x = y = 0: (∂S/∂y)/R for fixed ELR,
+        (∂S/∂x − ∂S/∂y)/R for fixed LR (ideal: ``maxwell_ideal``)."""
+        dx, dy = self.slopes(x, y)
+        return (dy if protocol_of(self.protocol).lr_is_effective else dx - dy) / gas_constant(D)
+
+
+def maxwell_ideal(protocol):
+    """The ideal first Maxwell ratio of ``maxwell_fit``: −1 for fixed ELR, +1 for fixed LR."""
+    return -1.0 if _check_protocol(protocol, WITH_RADIUS).lr_is_effective else 1.0
+
 
 def _quadratic_slopes(c, x, y):
     return c[1] + 2 * c[3] * x + c[5] * y, c[2] + 2 * c[4] * y + c[5] * x
@@ -160,7 +177,7 @@ def protocol_potential_ranks(protocol, U, S, radius, T, wd, r0):
     """The potential docs/theory.md §7 (V2) minimises for a protocol, evaluated by ``potential_ranks``:
     Helmholtz F = U − T S among configurations with the same r0 on the fixed sphere, Gibbs
     G = U − T S + p V with p = λ and V = r²/2 otherwise. Returns (rank, gap, description)."""
-    if protocol == "fixed_sphere":
+    if not protocol_of(protocol).uses_wd:
         rank, gap = potential_ranks(U, S, None, T, None, groups=r0)
         return rank, gap, "Helmholtz F = U − T S (same r0)"
     V = np.asarray(radius, dtype=float) ** 2 / 2
@@ -173,7 +190,7 @@ def protocol_potential_ranks_where(ok, protocol, U, S, radius, T, wd, r0):
     radius is known: V = r²/2 enters every candidate's G): rank and gap are NaN for the others, and
     the description is None (nothing ranked) when fewer than 2 qualify."""
     ok = np.asarray(ok, dtype=bool)
-    if protocol != "fixed_sphere":
+    if protocol_of(protocol).uses_wd:
         ok = ok & np.isfinite(np.asarray(radius, dtype=float))
     rank, gap = np.full(ok.size, np.nan), np.full(ok.size, np.nan)
     if ok.sum() < 2:
@@ -193,7 +210,7 @@ def maxwell_fit(x, y, S_full, D, protocol):
         (ideal 1, 0, 0); rel_err = |(∂S/∂x − ∂S/∂y) − R| / R.
     Derivatives come from the fitted quadratic, evaluated at the given (x, y).
     """
-    _check_protocol(protocol, ("fixed_elr", "fixed_lr"))
+    proto = _check_protocol(protocol, WITH_RADIUS)
     R = gas_constant(D)
     x = np.asarray(x, dtype=np.float64).ravel()
     y = np.asarray(y, dtype=np.float64).ravel()
@@ -211,7 +228,7 @@ def maxwell_fit(x, y, S_full, D, protocol):
     ss_tot = np.sum((s - s.mean()) ** 2)
     r2 = float(1.0 - np.sum(resid**2) / ss_tot) if ss_tot > 0 else float("nan")
     dSdx, dSdy = _quadratic_slopes(c, x, y)
-    if protocol == "fixed_elr":
+    if proto.lr_is_effective:
         ratios = (c[2] / R, 2 * c[4] / R, c[5] / R)
         rel = np.abs(dSdy + R) / R
     else:

@@ -2,7 +2,8 @@
 
 An axis over ``seed`` (the minibatch sequence) or ``init_seed`` (θ_0) makes members that agree on
 every other key replicates of one configuration. ``replicate_axes`` finds those axes; every band here
-groups members over the remaining keys (``analysis.sections.group_members``).
+groups members over the remaining keys (``analysis.sections.common.group_members``). The report
+section is analysis.sections.replicates.
 
 Method (our choice; docs/theory.md §10 "Seeds as replicates" says the same):
 - **per-member quantities** (U, S, σ², the ideal-gas predictions T and r*, ...): the n seeds of one
@@ -27,7 +28,8 @@ import numpy as np
 import pandas as pd
 from scipy.stats import t as student_t
 
-from analysis.sections import GROUP_KEYS, Skip, group_members
+from analysis.sections.common import GROUP_KEYS, Skip, group_members
+from trainables.protocols import PROTOCOLS, protocol as protocol_of
 
 REPLICATE_KEYS = ("seed", "init_seed")
 LEVEL = 0.9
@@ -217,7 +219,7 @@ def maxwell_errors(members, entropy_key="entropy_kl_full") -> dict:
 def ideal_gas_predictions(table) -> pd.DataFrame:
     """``table`` with the per-member ideal-gas columns of docs/theory.md §7 added where their inputs are
     present: ``sigma2`` (tr Σ/(D − 1)), ``T_ig``, ``r_sde``, ``r_discrete`` and the radius errors."""
-    from analysis import ideal_gas as ig
+    from analysis import ideal_gas
 
     t = table.copy()
     if not {"protocol", "lr", "D"} <= set(t.columns) or "trace_sigma" not in t.columns:
@@ -228,150 +230,21 @@ def ideal_gas_predictions(table) -> pd.DataFrame:
     T, r_sde, r_disc = (np.full(len(t), np.nan) for _ in range(3))
     pos_wd = (wd > 0).to_numpy()
     for (protocol, Dk), idx in t.groupby(["protocol", "D"]).groups.items():
-        if protocol not in ig.PROTOCOLS:
+        if protocol not in PROTOCOLS:
             continue
-        k = t.index.isin(idx) & (pos_wd | (protocol == "fixed_sphere"))
+        uses_wd = protocol_of(protocol).uses_wd
+        k = t.index.isin(idx) & (pos_wd | (not uses_wd))
         if not k.any():
             continue
         lr, w, s2 = t["lr"][k], wd[k], t["sigma2"][k]
-        T[k] = ig.temperature(protocol, lr, w if protocol == "fixed_lr" else 0.0, s2, int(Dk))
-        if protocol != "fixed_sphere":
-            r_sde[k] = ig.radius_sde(protocol, lr, w, s2, int(Dk))
+        T[k] = ideal_gas.temperature(protocol, lr, w, s2, int(Dk))
+        if uses_wd:
+            r_sde[k] = ideal_gas.radius_sde(protocol, lr, w, s2, int(Dk))
             if "grad_sq" in t.columns:
-                r_disc[k] = ig.radius_discrete(protocol, lr, w, t["trace_sigma"][k], t["grad_sq"][k])
+                r_disc[k] = ideal_gas.radius_discrete(protocol, lr, w, t["trace_sigma"][k], t["grad_sq"][k])
     t["T_ig"], t["r_sde"], t["r_discrete"] = T, r_sde, r_disc
     if "radius" in t.columns:
         with np.errstate(divide="ignore", invalid="ignore"):
             t["r_sde_rel_err"] = np.abs(t["radius"] - t["r_sde"]) / t["r_sde"]
             t["r_discrete_rel_err"] = np.abs(t["radius"] - t["r_discrete"]) / t["r_discrete"]
     return t
-
-
-# -----------------------------------------------------------------------------
-# report section
-
-MEMBER_QUANTITIES = ("train_loss", "test_loss", "entropy_kl_full", "radius", "sigma2", "T_ig", "r_sde",
-                     "r_discrete", "r_sde_rel_err", "r_discrete_rel_err")
-LOG_QUANTITIES = ("T", "b", "T_ig")
-
-
-def _summary(group, quantity, all_band_row, two_band_row, prefix):
-    """One summary row: the band over all seeds and the half-width with the first 2 seeds."""
-    lo, hi = all_band_row[f"{prefix}_lo"], all_band_row[f"{prefix}_hi"]
-    lo2, hi2 = two_band_row[f"{prefix}_lo"], two_band_row[f"{prefix}_hi"]
-    return {"group": group, "quantity": quantity, "n_seeds": int(all_band_row[f"{prefix}_n"]),
-            "mean": all_band_row[f"{prefix}_mean"], "lo": lo, "hi": hi,
-            "width_2_seeds": hi2 - lo2, "width_all_seeds": hi - lo}
-
-
-def replicates_section(sweep, out_dir, opts):
-    """Issue #12: seeds as replicates — mean and LEVEL t-band over seeds for U, S, T(η), the §5
-    power law, the §7 predictions and Maxwell errors; widths with 2 seeds against all seeds."""
-    from analysis.sections import SectionResult, member_table, write_table
-
-    res = SectionResult("replicates")
-    tab = member_table(sweep)
-    axes = require_replicates(tab)
-    tab = ideal_gas_predictions(tab)
-    names = sweep.metric_names
-    ent = None
-    if any(n.startswith("entropy_knn_k") for n in names):
-        from analysis.report import _knn_k
-        ent = f"entropy_knn_k{_knn_k(names, opts.k_max)}"
-    counts = seed_counts(tab, axes)
-    res.notes.append(f"replicate axes: {', '.join(axes)}; seeds per configuration "
-                     f"{counts.min()}–{counts.max()}; bands: {round(100 * LEVEL)} % Student-t intervals "
-                     "over seeds (per-seed fits first; T and b on the log scale)")
-
-    cols = [c for c in (*MEMBER_QUANTITIES, ent) if c and c in tab.columns and tab[c].notna().any()]
-    bands = config_bands(tab, cols, axes, log_columns=LOG_QUANTITIES)
-    two = config_bands(tab, cols, axes, log_columns=LOG_QUANTITIES, first=2)
-    write_table(bands, out_dir, "replicates_members.csv", res)
-    for c in cols:
-        w_all = (bands[f"{c}_hi"] - bands[f"{c}_lo"]).median()
-        w_two = (two[f"{c}_hi"] - two[f"{c}_lo"]).median()
-        res.summary_rows.append({"group": "median over configurations", "quantity": c,
-                                 "n_seeds": int(bands[f"{c}_n"].max()), "mean": "", "lo": "", "hi": "",
-                                 "width_2_seeds": w_two, "width_all_seeds": w_all})
-    if "lr" in bands.columns:
-        _stationary_figures(bands, [c for c in ("train_loss", ent) if c in cols], out_dir, res)
-
-    if ent and "lr" in tab.columns:
-        _temperature_bands(tab, axes, ent, opts, out_dir, res)
-    if "entropy_kl_full" in tab.columns and {"protocol", "wd", "D"} <= set(tab.columns):
-        kl = tab[tab["protocol"].isin(("fixed_elr", "fixed_lr"))]
-        if not kl.empty and kl["wd"].nunique() > 2:
-            fits = per_seed_fits(kl, axes, ("lr", "wd"), maxwell_errors)
-            _fit_summaries(fits, ["maxwell_rel_err_max", "maxwell_rel_err_mean", "maxwell_ratio_1",
-                                  "maxwell_r2"], (), res)
-            write_table(fits, out_dir, "replicates_maxwell_per_seed.csv", res)
-    return res
-
-
-def _fit_summaries(fits, columns, log_columns, res):
-    if "error" in fits.columns:
-        res.notes += [f"group {r['group']}, {r['replicate']}: {r['error']}"
-                      for _, r in fits.dropna(subset=["error"]).iterrows()]
-        fits = fits[fits["error"].isna()]
-    every, two = (fit_bands(fits, columns, log_columns=log_columns, first=k) for k in (None, 2))
-    for (_, r_all), (_, r_two) in zip(every.iterrows(), two.iterrows()):
-        res.summary_rows += [_summary(r_all["group"], c, r_all, r_two, c) for c in columns
-                             if f"{c}_mean" in r_all]
-    return every
-
-
-def _temperature_bands(tab, axes, ent, opts, out_dir, res):
-    from analysis import figures as fg
-    from analysis.sections import slug, write_table
-
-    fits = per_seed_fits(tab, axes, ("lr",), lambda m: temperature_fit(m, ent, opts))
-    _fit_summaries(fits, ["a", "b"], ("b",), res)
-    ok = fits[fits["error"].isna()] if "error" in fits.columns else fits
-    for label, g in ok.groupby("group", sort=True):     # a yes/no per seed: a count, not a band
-        res.summary_rows.append({"group": label, "quantity": "§5 hypothesis holds", "n_seeds": len(g),
-                                 "mean": f"{int(g['holds'].sum())}/{len(g)} seeds"})
-    curve = explode_curve(fits, "T_by_lr", "lr", "T")
-    if curve.empty:
-        return
-    tb = fit_bands(curve, ["T"], log_columns=("T",), by=("group", "lr"))
-    write_table(tb, out_dir, "replicates_temperature.csv", res)
-    for label, g in tb.groupby("group", sort=True):
-        fig, ax = fg.figure(1, width=6)
-        a = ax[0, 0]
-        c = curve[curve["group"] == label]
-        for rep, cs in c.groupby("replicate", sort=True):
-            keep = fg.positive(cs["lr"], cs["T"])
-            a.plot(cs["lr"][keep], cs["T"][keep], ".", ms=4, alpha=0.6)
-        ok = g["T_n"] > 1
-        a.fill_between(g["lr"][ok], g["T_lo"][ok], g["T_hi"][ok], color="C0", alpha=0.25,
-                       label=f"{round(100 * LEVEL)} % band over seeds")
-        a.plot(g["lr"], g["T_mean"], "o-", color="C0", label="geometric mean")
-        a.set_xscale("log")
-        a.set_yscale("log")
-        a.set_xlabel(fg.ETA)
-        a.set_ylabel("temperature T")
-        a.set_title(f"T(η) over seeds, {label}")
-        a.legend()
-        res.figures.append(fg.save(fig, out_dir, f"rep_{slug(label)}_temperature.png"))
-
-
-def _stationary_figures(bands, cols, out_dir, res):
-    from analysis import figures as fg
-    from analysis.sections import group_members, slug
-
-    if not cols:
-        return
-    for label, g in group_members(bands, ("lr",)):
-        g = g.sort_values("lr")
-        fig, ax = fg.figure(len(cols))
-        for a, c in zip(ax[0], cols):
-            ok = g[f"{c}_n"] > 1
-            a.fill_between(g["lr"][ok], g[f"{c}_lo"][ok], g[f"{c}_hi"][ok], color="C0", alpha=0.25,
-                           label=f"{round(100 * LEVEL)} % band")
-            a.plot(g["lr"], g[f"{c}_mean"], "o-", color="C0", label="mean over seeds")
-            a.set_xscale("log")
-            a.set_xlabel(fg.ETA)
-            a.set_ylabel({"train_loss": "stationary train loss U"}.get(c, f"stationary {c}"))
-            a.legend()
-        fig.suptitle(f"stationary values over seeds, {label}")
-        res.figures.append(fg.save(fig, out_dir, f"rep_{slug(label)}_stationary.png"))

@@ -71,6 +71,14 @@ def check_members(grid, problems, warnings):
                                f"within {cfg['iterations']} iterations; no entropy will be logged", mid)
             elif spec.get("evaluate_every"):
                 _check_evaluate_every(cfg, spec, lambda msg: note(warnings, msg, mid))
+    _whole_grid_checks(grid, models, problems, warnings)
+    for (is_problem, msg), mids in found.items():
+        ids = ", ".join(mids[:3]) + (", ..." if len(mids) > 3 else "")
+        (problems if is_problem else warnings).append(f"members ({len(mids)}: {ids}): {msg}")
+
+
+def _whole_grid_checks(grid, models: set, problems: list, warnings: list) -> None:
+    """Checks of the grid as a whole: keys that only some models take, and what may share a bundle."""
     stoppable = set(member.STOP_MODELS)
     if ("stop_when" in grid.fixed or "stop_when" in grid.axes) and models - stoppable:
         problems.append(f"stop_when: members stop early only for models {', '.join(sorted(stoppable))}; "
@@ -92,7 +100,3 @@ def check_members(grid, problems, warnings):
                             "eagerly (set bundle: [] to use them)")
         for msg, tids in refused.items():
             problems.append(f"bundle: trials ({len(tids)}: {', '.join(tids[:3])}{', ...' if len(tids) > 3 else ''}): {msg}")
-    for (is_problem, msg), mids in found.items():
-        ids = ", ".join(mids[:3]) + (", ..." if len(mids) > 3 else "")
-        (problems if is_problem else warnings).append(f"members ({len(mids)}: {ids}): {msg}")
-

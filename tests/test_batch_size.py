@@ -5,9 +5,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.batch_size import batch_size_section, fit_batch_power_law
+from analysis.batch_size import fit_batch_power_law
+from analysis.sections.batch_size import batch_size_section
 from analysis.load import Sweep
-from analysis.sections import Options, Skip
+from analysis.sections.common import Options, Skip
 
 LRS = np.logspace(-3, -1, 6)
 BS = np.array([32, 64, 128, 256])
@@ -120,12 +121,11 @@ def test_section_skips_with_one_batch_size(tmp_path):
         batch_size_section(sw, str(tmp_path), Options())
 
 
-def test_report_plugins_register_the_open_question_sections(monkeypatch):
-    """analysis.report's plugin list brings in both sections of issue #12 (by name, once)."""
-    from analysis import report, sections
+def test_the_report_runs_the_open_question_sections_once():
+    """The sections package lists both sections of issue #12, once each, after the toy sections."""
+    from analysis.sections import all_sections
 
-    monkeypatch.setattr(sections, "SECTIONS", list(sections.SECTIONS))
-    report._load_plugins()
-    report._load_plugins()
-    names = [f.__name__ for f in sections.SECTIONS]
+    names = [f.__name__ for f in all_sections()]
     assert names.count("batch_size_section") == 1 and names.count("replicates_section") == 1
+    assert names.index("sphere_toy_section") < names.index("batch_size_section") < names.index("replicates_section")
+

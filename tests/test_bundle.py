@@ -182,7 +182,7 @@ def test_ideal_gas_grids_bundle_their_lrs():
 
 
 def test_bundle_steps_make_no_host_sync(monkeypatch):
-    from test_trial import SyncCounter
+    from test_network import SyncCounter
     runner = NetworkRunner([config(lr=lr, seed=seed, running_every=5) for lr, seed in ((0.01, 3), (0.02, 4))])
     counter = SyncCounter(monkeypatch)
     counter.active = True

@@ -149,3 +149,33 @@ def test_step_lr_is_the_gradient_multiplier():
     assert protocols.step_lr("fixed_sphere", 0.01, 2.0) == pytest.approx(0.04)
     assert protocols.step_lr("fixed_elr", 0.01, 0.5) == pytest.approx(0.0025)
     assert protocols.step_lr("fixed_lr", 0.01, 2.0) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("name", protocols.PROTOCOLS)
+def test_protocol_object_describes_its_own_update(name):
+    """What a Protocol says about itself holds for its update: with λ = 0 the step before any
+    projection is θ − step_lr(lr, |θ|)·g, and λ changes the result exactly when ``uses_wd``."""
+    from trainables.defaults import MEMBER_DEFAULTS
+
+    proto = protocols.protocol(name)
+    assert proto.name == name and protocols.get(name) is proto.update
+    assert proto.second_axis in MEMBER_DEFAULTS
+    _, theta, grad = tiny_net(1.7)
+    th0, g = as64(theta), as64(grad)
+    r = float(np.linalg.norm(th0))
+    lr = 0.02
+    plain, decayed = theta.clone().double(), theta.clone().double()
+    r_tilde = proto.update(plain, grad.double(), lr, 0.0, r)
+    proto.update(decayed, grad.double(), lr, 0.5, r)
+    stepped = th0 - proto.step_lr(lr, r) * g
+    if r_tilde is not None:                       # the sphere projects: compare before projection
+        np.testing.assert_allclose(r_tilde.item(), np.linalg.norm(stepped), rtol=1e-12)
+        stepped = stepped * (r / np.linalg.norm(stepped))
+    np.testing.assert_allclose(plain.numpy(), stepped, rtol=1e-10, atol=1e-14)
+    assert (not np.allclose(decayed.numpy(), plain.numpy(), rtol=1e-12, atol=0)) == proto.uses_wd
+    assert proto.step_lr(lr, 2.0) == (lr * 4.0 if proto.lr_is_effective else lr)
+
+
+def test_unknown_protocol_object_names_the_choices():
+    with pytest.raises(ValueError, match="unknown protocol 'sgd'; choose one of fixed_sphere, fixed_elr, fixed_lr"):
+        protocols.protocol("sgd")

@@ -8,7 +8,7 @@ from scipy.stats import t as student_t
 from analysis.replicates import (config_bands, explode_curve, fit_bands, ideal_gas_predictions, log_band,
                                  per_seed_fits, replicate_axes, require_replicates, t_band,
                                  temperature_fit)
-from analysis.sections import Options, Skip
+from analysis.sections.common import Options, Skip
 
 LRS = np.logspace(-3, -1, 5)
 
@@ -156,7 +156,7 @@ def _seed_sweep(n_seeds, rng):
 
 
 def test_replicates_section_bands_and_two_vs_four_seeds(tmp_path):
-    from analysis.replicates import replicates_section
+    from analysis.sections.replicates import replicates_section
 
     sw, a_s = _seed_sweep(4, np.random.default_rng(11))
     res = replicates_section(sw, str(tmp_path), Options(eps=0.0, h=1e-6, lr_range=(1e-4, 1e-2)))
@@ -176,7 +176,7 @@ def test_replicates_section_bands_and_two_vs_four_seeds(tmp_path):
 
 
 def test_replicates_section_skips_without_seeds(tmp_path):
-    from analysis.replicates import replicates_section
+    from analysis.sections.replicates import replicates_section
 
     sw, _ = _seed_sweep(1, np.random.default_rng(0))
     with pytest.raises(Skip, match="no replicate axis"):
@@ -187,7 +187,7 @@ def test_maxwell_errors_are_banded_over_seeds(tmp_path):
     """fixed ELR, S_full = ln η − R(1 + δ_s) ln λ per seed (R = (D − 1)/2): the §7 relation
     ∂S/∂ln λ = −R is off by exactly |δ_s| everywhere, so each seed's max relative error is |δ_s|."""
     from analysis.load import Sweep
-    from analysis.replicates import replicates_section
+    from analysis.sections.replicates import replicates_section
 
     D, deltas = 21, [0.01, 0.03, 0.05]
     R = (D - 1) / 2

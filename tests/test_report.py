@@ -11,6 +11,7 @@ Expected numbers are computed here from the generated arrays with the formula mo
 """
 
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -23,8 +24,9 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from analysis.free_energy import fit_temperature  # noqa: E402
 from analysis.ideal_gas import maxwell_fit  # noqa: E402
 from analysis.load import Sweep, _fetch_histories, load_experiment  # noqa: E402
-from analysis.report import (Options, SectionResult, build_report, ideal_gas_section,  # noqa: E402
-                             main)
+from analysis.report import build_report, main  # noqa: E402
+from analysis.sections.common import Options, SectionResult  # noqa: E402
+from analysis.sections.ideal_gas import ideal_gas_section  # noqa: E402
 from trainables.schedule import log_iterations  # noqa: E402
 
 A_TRUE, B_TRUE, C_S = 0.85, 3.9e-3, 50.0
@@ -320,19 +322,56 @@ def test_crashing_section_is_caught(store, tmp_path):
     assert pd.read_csv(tmp_path / "summary.csv")["n"].tolist() == [5]
 
 
-def test_a_second_copy_of_the_report_module_registers_nothing_twice(monkeypatch):
-    """As under ``python -m analysis.report`` with a plugin importing ``analysis.report``."""
-    import importlib.util
+def test_the_report_runs_every_section_of_the_package_once_in_order():
+    """analysis.sections lists its modules: every built-in section once, in ORDER (summary order)."""
+    from analysis.sections import all_sections
 
-    from analysis import sections
+    names = [f.__name__ for f in all_sections()]
+    assert names == ["free_energy_section", "snr_section", "ideal_gas_section", "vmf_exact_section",
+                     "vmf_adiabatic_section", "sphere_toy_section", "batch_size_section",
+                     "replicates_section"]
+    assert [f.__name__ for f in all_sections()] == names      # a second listing adds nothing
 
-    monkeypatch.setattr(sections, "SECTIONS", list(sections.SECTIONS))
-    before = [f.__name__ for f in sections.SECTIONS]
-    spec = importlib.util.find_spec("analysis.report")
-    copy = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(copy)                     # a distinct module object, new section functions
-    assert copy.ideal_gas_section is not sections.SECTIONS[before.index("ideal_gas_section")]
-    assert [f.__name__ for f in sections.SECTIONS] == before
+
+def test_a_new_section_module_joins_the_report_with_no_other_edit(store, tmp_path, monkeypatch):
+    """docs/DESIGN.md "Adding a report section": one new module in analysis/sections/ defining
+    SECTIONS and ORDER is run by the report (here between free_energy and snr), and nothing else
+    names it. The module is written into a copy of the package so the repository stays untouched."""
+    import shutil
+    import sys
+
+    import analysis
+
+    copy = tmp_path / "pkg" / "analysis"
+    shutil.copytree(os.path.dirname(analysis.__file__), copy,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "sections" / "member_count.py").write_text(
+        "from analysis.sections.common import SectionResult\n"
+        "ORDER = 15\n"
+        "def member_count_section(sweep, out_dir, opts):\n"
+        "    res = SectionResult('member_count')\n"
+        "    res.summary_rows.append({'group': 'all', 'n_members': len(sweep.members)})\n"
+        "    return res\n"
+        "SECTIONS = (member_count_section,)\n")
+    for name in [m for m in sys.modules if m == "analysis" or m.startswith("analysis.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(tmp_path / "pkg"))
+    try:
+        import analysis.report as copied_report
+        import analysis.sections as copied_sections
+        assert copied_report.__file__.startswith(str(copy)) and copied_sections.__file__.startswith(str(copy))
+        out = tmp_path / "out"
+        assert copied_report.main(["--experiment", "fe_sweep", "--tracking-uri", store["uri"], "--out", str(out),
+                                   "--no-upload", "--no-uniform-loss", "--uniform-n", "100"]) == 0
+    finally:   # drop the copy's modules; monkeypatch then puts the repository's back
+        for name in [m for m in sys.modules if m == "analysis" or m.startswith("analysis.")]:
+            del sys.modules[name]
+    summary = pd.read_csv(out / "summary.csv")
+    sections_run = list(dict.fromkeys(summary["section"]))
+    assert "member_count" in sections_run
+    assert summary.loc[summary["section"] == "member_count", "n_members"].tolist() == [1 + len(FE_LRS)]
+    md = (out / "summary.md").read_text()
+    assert md.index("## free_energy") < md.index("## member_count") < md.index("## snr")
 
 
 def test_unknown_experiment_exits_2(store, capsys):
@@ -420,7 +459,7 @@ def test_uniform_loss_asymptote_matches_an_independent_monte_carlo():
     within 4 combined standard errors; a member whose D does not match the rebuilt model is refused."""
     import torch
     import torch.nn.functional as F
-    from analysis.report import uniform_loss
+    from analysis.sections.uniform import uniform_loss
     from trainables.data import load_dataset
     from trainables.models import build_model, flatten_si_parameters
 
@@ -478,7 +517,7 @@ def _fe_sweep_in_memory(widths, converged_width=None, n_logs=120):
 
 
 def _temperatures(sweep, tmp_path, name, opts):
-    from analysis.report import free_energy_section
+    from analysis.sections.free_energy import free_energy_section
     out = tmp_path / name
     out.mkdir()
     res = free_energy_section(sweep, str(out), opts)
@@ -525,7 +564,7 @@ def test_op_temperature_along_training_four_smallest_decreasing_lrs_and_smoothin
     """§5.6: T_t for the 4 smallest LRs whose U decreases steadily (the second smallest does not, so
     LRs 1, 3, 4, 5 are used), T_t = (U_{t+2} − U_{t−2})/(S_{t+2} − S_{t−2}); with op_smooth_sigma the
     series are first smoothed with Gaussian weights in ln t (computed here by hand)."""
-    from analysis.report import free_energy_section
+    from analysis.sections.free_energy import free_energy_section
     from engine.analysis_block import normalise_analysis_block
     sw = _fe_sweep_in_memory((64,), n_logs=60)
     lrs = sorted(sw.members["lr"])

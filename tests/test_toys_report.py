@@ -1,4 +1,4 @@
-"""The toy-system report sections (analysis/toys_report.py) on synthetic MLflow stores.
+"""The toy-system report sections (analysis/sections/vmf.py, sphere_toy.py) on synthetic MLflow stores.
 
 The stores (SQLite under tmp_path, docs/DESIGN.md layout, written with test_report's helpers)
 hold vMF-toy sweeps whose logged U, S_sphere, S_full, radius and pre-projection radius are the
@@ -22,8 +22,10 @@ pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from analysis.load import load_experiment  # noqa: E402
-from analysis.report import Options, Skip, main  # noqa: E402
-from analysis.toys_report import (sphere_toy_section, vmf_adiabatic_section,  # noqa: E402
+from analysis.report import main  # noqa: E402
+from analysis.sections.common import Options, Skip  # noqa: E402
+from analysis.sections.sphere_toy import sphere_toy_section  # noqa: E402
+from analysis.sections.vmf import (vmf_adiabatic_section,  # noqa: E402
                                   vmf_exact_section)
 from conftest import vmf3_entropy, vmf3_mean_cos  # noqa: E402
 from test_report import _log_member, _parent  # noqa: E402
@@ -225,15 +227,15 @@ def test_vmf_exact_fixed_sphere_pressure_and_helmholtz(store, tmp_path):
 
 def test_helmholtz_exact_vmf_is_own_minimiser(store, tmp_path, monkeypatch):
     """With U and S exactly vMF (no perturbation) U(T') − T S(T') is minimal at T' = T (Gibbs)."""
-    import analysis.toys_report as tr
+    import analysis.sections.vmf_table as tr
     sw = load_experiment("toy_fixed_sphere", tracking_uri=store["uri"])
     t = tr.vmf_member_table(sw, sw.members.rename(columns={"radius": "r0"}))
     t["U_sim"] = U3(2 / t["lr"])
     t["S_full"] = vmf3_entropy(2 / t["lr"]) + 2 * np.log(t["r0"])
-    rank, gap, kind = tr._potential(t, "fixed_sphere")
+    rank, gap, kind = tr.potential(t, "fixed_sphere")
     assert kind.startswith("Helmholtz") and (rank == 0).all() and np.allclose(gap, 0)
     t["U_sim"] = U3(2 / t["lr"][::-1].to_numpy())                   # wrong pairing → not minimisers
-    rank, _, _ = tr._potential(t, "fixed_sphere")
+    rank, _, _ = tr.potential(t, "fixed_sphere")
     assert (rank > 0).sum() >= 10
 
 
@@ -322,7 +324,7 @@ def test_z_verdict_counts_outliers_against_chance():
     """docs/theory.md §8: with dof 24, P(|t| > 3) = 0.00619 (Student t tables), so 225 members expect 1.39
     outliers; with the margin (twice that) the 99 % Poisson quantile of mean 2.79 is 7: 7 pass, 8 fail.
     A median |z| above 1 fails whatever the count."""
-    from analysis.toys_report import z_verdict
+    from analysis.sections.vmf_table import z_verdict
     rng = np.random.default_rng(0)
     base = np.abs(rng.standard_normal(225)) * 0.5          # median ≈ 0.34, no |z| > 3
     base[base > 2.9] = 2.9

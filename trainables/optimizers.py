@@ -117,9 +117,7 @@ def radius_power(name: str) -> int:
 
 def step_lr(opt: dict, protocol: str, lr, radius):
     """The factor multiplying the optimizer's direction (g, buf or u) at |θ| = radius."""
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol '{protocol}'; choose one of {', '.join(PROTOCOLS)}")
-    return lr if protocol == "fixed_lr" else lr * radius ** radius_power(opt["optimizer"])
+    return protocols.protocol(protocol).step_lr(lr, radius, radius_power(opt["optimizer"]))
 
 
 def _tangent(vec, theta):

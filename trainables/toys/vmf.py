@@ -6,8 +6,8 @@ The loss is L(w) = 1 + ⟨μ, w/|w|⟩ in D dimensions. Its gradient is (μ − 
 two dot products. The walker settles at −μ; at stationarity its direction is vMF(−μ, κ = 1/T).
 
 Temperature of this model (§3, §7): the noise covariance is (σ²/r²)·P_tangent, so tr Σ = σ²(D−1)/r²
-and §3's σ² = tr Σ·r²/(D−1) is exactly the `noise` parameter squared; T = η_eff σ²/2 (fixed sphere,
-fixed ELR) and T = sqrt(η λ σ² / (2(D−1))) (fixed LR).
+and §3's σ² = tr Σ·r²/(D−1) is exactly the `noise` parameter squared: the temperature and the
+stationary radius are §7's (analysis.ideal_gas) with σ = `noise`. The runner needs neither.
 
 Logging: running values (U = train_loss, radius, pre-projection radius on the fixed sphere) are taken
 every `running_every` iterations and reported aggregated into the log rows (mean since the previous
@@ -72,24 +72,6 @@ def kappa_from_temperature(T):
     if np.any(T <= 0):
         raise ValueError("temperature must be > 0")
     return 1.0 / T
-
-
-def vmf_temperature(protocol, lr, wd, noise, D):
-    """T of §7 for the toy: η_eff σ²/2 (fixed sphere / ELR), sqrt(η λ σ²/(2(D−1))) (fixed LR)."""
-    lr, wd = np.asarray(lr, dtype=np.float64), np.asarray(wd, dtype=np.float64)
-    if protocol in ("fixed_sphere", "fixed_elr"):
-        return lr * noise ** 2 / 2
-    if protocol == "fixed_lr":
-        return np.sqrt(lr * wd * noise ** 2 / (2 * (D - 1)))
-    raise ValueError(f"unknown protocol '{protocol}'")
-
-
-def vmf_radius(protocol, lr, wd, noise, D):
-    """SDE stationary radius of §7 ("V1"): r*² = T (D − 1)/λ (fixed ELR / fixed LR)."""
-    T = vmf_temperature(protocol, lr, wd, noise, D)
-    if protocol == "fixed_sphere":
-        raise ValueError("the fixed sphere has no stationary radius: it is r0")
-    return np.sqrt(T * (D - 1) / np.asarray(wd, dtype=np.float64))
 
 
 # -----------------------------------------------------------------------------

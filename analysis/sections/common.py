@@ -1,12 +1,8 @@
-"""What a report section receives, returns and shares (used by analysis.report and its plugins).
+"""What every report section shares: its options, its result, members and their groups, output helpers.
 
-A section is a plain function ``section(sweep, out_dir, opts) -> SectionResult``. It raises
-``Skip(reason)`` when the sweep lacks what it needs; ``register_section`` appends it to ``SECTIONS``,
-the list the report driver (analysis.report) runs in order.
-
-The registry lives here rather than in analysis.report because ``python -m analysis.report`` runs
-the report module as ``__main__``: a plugin that imported ``analysis.report`` would load a second
-copy of it, with a registry of its own. Plugins import this module instead.
+A section is a plain function ``section(sweep, out_dir, opts) -> SectionResult`` in a module of this
+package (see ``analysis/sections/__init__.py``). It raises ``Skip(reason)`` when the sweep lacks what
+it needs.
 """
 
 from __future__ import annotations
@@ -19,12 +15,26 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from trainables.defaults import MEMBER_DEFAULTS
+from analysis import figures
+from trainables import member
 
-# member keys that define a group (everything physical; bookkeeping keys left out)
-# (the ``radius`` param is renamed ``r0`` in member_table: ``radius`` is also a metric)
-GROUP_KEYS = tuple("r0" if k == "radius" else k for k in MEMBER_DEFAULTS
-                   if k not in ("device", "data_dir")) + ("dim", "noise", "mu_seed", "setting")
+# member params renamed in member_table because a metric has the same name (``radius``: r0 vs r)
+PARAM_COLUMNS = {"radius": "r0"}
+BOOKKEEPING_KEYS = ("device", "data_dir", "stop_when", "compile", "cuda_graph")   # never define a group
+
+
+def column(key: str) -> str:
+    """The member_table column of a member key (``radius`` → ``r0``)."""
+    return PARAM_COLUMNS.get(key, key)
+
+
+def _group_keys() -> tuple:
+    return tuple(column(k) for k in member.keys() if k not in BOOKKEEPING_KEYS)
+
+
+# member keys that define a group: every key of the member schema (common keys, then each toy's own)
+# except bookkeeping; a new toy's keys join when the toy registers them
+GROUP_KEYS = _group_keys()
 
 
 class Skip(Exception):
@@ -58,20 +68,6 @@ class SectionResult:
     notes: list = field(default_factory=list)
 
 
-SECTIONS: list = []
-
-
-def register_section(fn):
-    """Add ``fn(sweep, out_dir, opts) -> SectionResult`` to the report (usable as a decorator).
-
-    Sections are known by function name: under ``python -m analysis.report`` the report module runs
-    as ``__main__``, and a plugin that imports ``analysis.report`` loads a second copy whose sections
-    are new function objects; they must not run twice."""
-    if all(f.__name__ != fn.__name__ for f in SECTIONS):
-        SECTIONS.append(fn)
-    return fn
-
-
 # -----------------------------------------------------------------------------
 # members and their groups
 
@@ -83,7 +79,7 @@ def member_table(sweep) -> pd.DataFrame:
     """
     st = sweep.stationary
     m = sweep.members.loc[[r for r in st.index if r in sweep.members.index]]
-    m = m.rename(columns={"radius": "r0"})
+    m = m.rename(columns=PARAM_COLUMNS)
     clash = [c for c in m.columns if c in st.columns]
     m = m.rename(columns={c: f"param_{c}" for c in clash})
     return m.join(st, how="inner")
@@ -184,3 +180,66 @@ def finite_stat(a, fn=np.median):
     a = np.asarray(a, float)
     a = a[np.isfinite(a)]
     return float(fn(a)) if a.size else float("nan")
+
+
+def toy_members(sweep, model):
+    """The usable members of one toy model: rows of ``member_table`` (params and stationary values)."""
+    models = sweep.members["model"] if "model" in sweep.members.columns else pd.Series(dtype=object)
+    if not (models == model).any():
+        found = sorted(set(models.dropna()))
+        raise Skip(f"no {model} members (models in this sweep: {found or 'none'})")
+    m = member_table(sweep)
+    m = m[m["model"] == model]
+    if m.empty:
+        raise Skip(f"every {model} member is excluded (diverged or without logs)")
+    return m
+
+
+def lr_lines(ax, by_member, g, metric, ylog=True):
+    """One curve per member of ``metric`` vs iteration (iteration > 0, log x), coloured by LR;
+    ``by_member``: the members' series rows from ``split_by_member``."""
+    colors, _ = figures.value_colors(g["lr"])
+    drawn = 0
+    for (rid, _), c in zip(g.iterrows(), colors):
+        it, (v,) = finite_rows(by_member.get(rid), metric)
+        keep = it > 0
+        if ylog:
+            keep &= v > 0
+        if keep.any():
+            ax.plot(it[keep], v[keep], color=c, lw=1.2)
+            drawn += 1
+    ax.set_xscale("log")
+    if ylog:
+        ax.set_yscale("log")
+    ax.set_xlabel("iteration t")
+    return drawn
+
+
+def log_axes(ax, xlabel, ylabel, title=None, ylog=True):
+    """Log x (and y unless ``ylog`` is False) axes with their labels."""
+    ax.set_xscale("log")
+    if ylog:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title is not None:
+        ax.set_title(title)
+
+
+def knn_k(names, k_max):
+    """The largest k ≤ k_max of the logged k-NN entropies entropy_knn_k<K> (Skip when there is none)."""
+    ks = sorted(int(m.group(1)) for n in names if (m := re.fullmatch(r"entropy_knn_k(\d+)", n)))
+    ok = [k for k in ks if k <= k_max]
+    if not ok:
+        raise Skip(f"no k-NN entropy metric entropy_knn_k<K> with K ≤ {k_max} logged "
+                   f"(found {ks or 'none'}); the free-energy analysis needs S (§4a)")
+    return ok[-1]
+
+
+def lr_label(members) -> str:
+    """The LR axis label of a group's protocol (η_eff or η); the generic one without a protocol."""
+    from trainables.protocols import BY_NAME
+    protocols = set(members["protocol"]) if "protocol" in members else set()
+    if len(protocols) == 1 and next(iter(protocols)) in BY_NAME:
+        return BY_NAME[next(iter(protocols))].lr_label
+    return figures.ETA
