@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine.grid import load_grid                       # noqa: E402
-from engine.plan import DATASET_SHAPES, TABLE             # noqa: E402
+from engine.plan import DATASET_SHAPES, TABLE            # noqa: E402
 from trainables.data import load_dataset                  # noqa: E402
 from trainables.defaults import resolve_device            # noqa: E402
 from trainables.schedule import log_iterations            # noqa: E402

@@ -33,6 +33,7 @@ import yaml
 from engine.grid_values import fmt as _fmt
 from engine.resources import trial_resources
 from trainables import member
+from trainables.data import SHAPES as DATASET_SHAPES   # train, test, channels, side, classes
 
 GiB = 2 ** 30
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,11 +48,6 @@ RESERVOIR_EVAL_COPIES = 1          # Reservoir.evaluate np.stacks one full copy 
 RAY_OBJECT_STORE_SHARE = 0.3       # Ray's default object store: 30 % of the node's RAM
 RAY_MEMORY_SHARE = 0.65            # ... and the `memory` resource roughly the rest, minus the system's
 GPU_SPLITS = (1, 0.5, 0.25, 0.2)   # GPU shares the fix suggestions try
-
-# training images, test images, channels, side, classes (trainables/data.py)
-DATASET_SHAPES = {"cifar10": (50000, 10000, 3, 32, 10), "cifar100": (50000, 10000, 3, 32, 100),
-                  "digits": (1437, 360, 1, 8, 10), "synthetic": (5000, 1000, 3, 32, 10)}
-
 
 def gib(n: float) -> str:
     return f"{n / GiB:.2f} GiB"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from trainables.data import (DatasetUnavailable, load_cifar_batch, load_dataset,
+from trainables.data import (SHAPES, DatasetUnavailable, load_cifar_batch, load_dataset,
                              sample_batch_indices)
 
 C10_MEAN, C10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
@@ -93,6 +93,15 @@ def test_samples_per_label_too_many(digits):
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="digits.*cifar10.*cifar100.*synthetic"):
         load_dataset("mnist")
+
+
+@pytest.mark.parametrize("name", ["digits", "synthetic"])
+def test_shapes_table_matches_what_loads(name):
+    # the planner sizes trials from SHAPES without loading; it must be what load_dataset gives
+    d = load_dataset(name)
+    assert SHAPES[name] == (len(d.y_train), len(d.y_test), d.in_channels, d.x_train.shape[-1], d.num_classes)
+    # CIFAR (files absent here): the papers' splits, 3×32×32 images, 10 / 100 classes
+    assert SHAPES["cifar10"] == (50000, 10000, 3, 32, 10) and SHAPES["cifar100"] == (50000, 10000, 3, 32, 100)
 
 
 def test_synthetic():

@@ -18,7 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DATASETS = ("digits", "cifar10", "cifar100", "synthetic")
+# what each dataset holds once loaded: training images, test images, channels, side, classes (the launch
+# planner sizes models and memory from it without loading anything; tests/test_data.py checks it)
+SHAPES = {"digits": (1437, 360, 1, 8, 10), "cifar10": (50000, 10000, 3, 32, 10),
+          "cifar100": (50000, 10000, 3, 32, 100), "synthetic": (5000, 1000, 3, 32, 10)}
+DATASETS = tuple(SHAPES)
 
 # per-channel normalisation constants, docs/theory.md §1
 CIFAR_STATS = {
