@@ -196,6 +196,20 @@ def power_law_fit(x, y):
     return float(a), float(np.exp(log_b))
 
 
+def power_law_slope_se(x, y):
+    """Standard error of the exponent a of ``power_law_fit`` (the same points): the least-squares slope's
+    s.e. in log–log space, sqrt(Σ residual² / (n − 2) / Σ (log x − mean)²). NaN with fewer than 3 points
+    (two points fit exactly and say nothing about the scatter)."""
+    x, y = _as_1d("x", x), _as_1d("y", y)
+    ok = np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)
+    lx, ly = np.log(x[ok]), np.log(y[ok])
+    if lx.size < 3 or np.ptp(lx) == 0:
+        return float("nan")
+    a, log_b = np.polyfit(lx, ly, 1)
+    residual = ly - (a * lx + log_b)
+    return float(np.sqrt(residual @ residual / (lx.size - 2) / np.sum((lx - lx.mean()) ** 2)))
+
+
 # -----------------------------------------------------------------------------
 # step 5: free-energy curves
 
@@ -312,6 +326,7 @@ class TemperatureFit:
     b: float                 # prefactor
     minima: np.ndarray       # argmin of each free-energy curve F_i (index into the segment)
     holds: bool
+    a_se: float = float("nan")   # least-squares standard error of a (power_law_slope_se)
 
 
 def fit_temperature(lrs, U, S, eps, h=0.3, lr_range=None, **segment_kwargs):
@@ -333,4 +348,5 @@ def fit_temperature(lrs, U, S, eps, h=0.3, lr_range=None, **segment_kwargs):
         a, b = float("nan"), float("nan")
     minima = curve_minima(free_energy_curves(Us, Ss, T))  # NaN T -> -1
     return TemperatureFit(idx, seg_lr, U_raw, S_raw, Us, Ss, lower, upper, T, empty,
-                          a, b, minima, hypothesis_holds(lower, upper, T, empty))
+                          a, b, minima, hypothesis_holds(lower, upper, T, empty),
+                          power_law_slope_se(seg_lr[1:-1], T[1:-1]))

@@ -5,6 +5,7 @@ import pytest
 
 from analysis.free_energy import (
     curve_minima, fit_temperature, free_energy_curves, hypothesis_holds, power_law_fit,
+    power_law_slope_se,
     select_stationary_segment, smooth_log_gaussian, smooth_log_triangular,
     temperature_along_training, temperature_estimate, temperature_intervals,
 )
@@ -121,6 +122,20 @@ def test_power_law_fit_ignores_bad_points_and_errors():
     assert a == pytest.approx(1.5) and b == pytest.approx(3.0)
     with pytest.raises(ValueError, match=">= 2 points"):
         power_law_fit([1.0, -2.0], [1.0, 2.0])
+
+
+def test_exponent_standard_error_matches_an_independent_regression():
+    # scipy's linregress on the logs is an independent implementation of the slope's standard error
+    from scipy.stats import linregress
+    rng = np.random.default_rng(3)
+    x = np.logspace(-3, -1, 7)
+    y = 0.02 * x**0.9 * np.exp(rng.normal(0, 0.2, x.size))
+    ref = linregress(np.log(x), np.log(y))
+    assert power_law_fit(x, y)[0] == pytest.approx(ref.slope)
+    assert power_law_slope_se(x, y) == pytest.approx(ref.stderr, rel=1e-10)
+    # exact power law: no scatter; two points: no estimate of it
+    assert power_law_slope_se(x, 3 * x**1.5) == pytest.approx(0.0, abs=1e-12)
+    assert np.isnan(power_law_slope_se([1.0, 2.0], [1.0, 4.0]))
 
 
 def test_free_energy_curves_and_minima():

@@ -72,7 +72,7 @@ def _free_energy_group(grp, opts):
         grp.note("no power-law fit: it needs ≥ 2 interior segment points with a positive temperature estimate")
     interior = fit.minima[1:-1] == np.arange(1, len(fit.lrs) - 1)
     grp.res.summary_rows.append({
-        "group": grp.label, "k": grp.k, "exponent_a": fit.a, "prefactor_b": fit.b, "holds": bool(fit.holds),
+        "group": grp.label, "k": grp.k, "exponent_a": fit.a, "exponent_a_se": fit.a_se, "prefactor_b": fit.b, "holds": bool(fit.holds),
         "n_empty": int(fit.empty.sum()), "lr_lo": float(fit.lrs[0]), "lr_hi": float(fit.lrs[-1]),
         "n_segment": int(len(fit.lrs)), "regime": st.regime, "eps": st.eps, "eps_source": st.eps_source,
         "F_minima_at_own_lr": f"{int(interior.sum())}/{interior.size}"})
