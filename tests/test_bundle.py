@@ -75,6 +75,18 @@ def test_four_lrs_match_their_solo_runs_for_100_steps_float64():
     assert_bundle_matches_solos(members, tol=1e-9, theta_tol=1e-9)
 
 
+def test_bundled_stochastic_entropy_matches_the_solo_runs_float64():
+    """§4a's entropy of the M one-step displacements, per member of a bundle: each member's (M, D) block of
+    the shared (M, K, D) buffer and its own step multiplier give what its solo trial gives."""
+    members = [config(lr=lr, dtype="float64", num_stoch_grads=6, stochastic_entropy=True,
+                      entropy=[{"name": "knn", "window": 4, "stride": 1, "ks": [1, 3]}])
+               for lr in (0.002, 0.01)]
+    bundle, events = assert_bundle_matches_solos(members, tol=1e-9, theta_tol=1e-9)
+    last = events[-1]["rows"]
+    assert {"stoch_entropy_knn_k1", "stoch_entropy_knn_k3"} <= set(last[0])
+    assert last[0]["stoch_entropy_knn_k1"] != last[1]["stoch_entropy_knn_k1"]   # each member its own
+
+
 def test_members_with_their_own_seeds_wd_and_radius_match_their_solo_runs_float64():
     """Two seeds (each pair shares its batches, the pairs differ), fixed LR with per-member η, λ, r0."""
     members = [config(protocol="fixed_lr", iterations=40, log_schedule="every:20", dtype="float64", **kw)
