@@ -50,7 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainables import entropy                                 # noqa: E402
 from trainables import metrics                                  # noqa: E402
 from trainables.data import load_dataset                              # noqa: E402
-from trainables.defaults import DEFAULT_KS, resolve_device            # noqa: E402
+from trainables.defaults import resolve_device                        # noqa: E402
+from trainables.member import DEFAULT_KS                              # noqa: E402
 from trainables.schedule import SnapshotPlan, log_iterations          # noqa: E402
 from trainables.sinks import LocalSink                                # noqa: E402
 from trainables.network import NetworkRunner                            # noqa: E402

@@ -33,7 +33,7 @@ from engine.axes import AXIS_SPECS, expand_axis
 from engine.grid_values import check_value, fmt, same
 from engine.member_checks import check_members
 from engine.resources import (RESOURCE_KEYS, _check_trial_resources, _cluster, _override_resource_everywhere,
-                              _parse_resources, check_resources, trial_resources, trials_at_once)  # noqa: F401
+                              _parse_resources, check_resources, trials_at_once)
 from trainables import member
 from trainables.member import BadValue, optional, suggest, whole
 
@@ -50,14 +50,6 @@ class GridError(ValueError):
         where = f"grid {source}" if source else "grid"
         lines = [f"{where} has {len(self.problems)} problem(s):"] + [f"  - {p}" for p in self.problems]
         super().__init__("\n".join(lines))
-
-
-def text_or_empty(what):
-    def check(v):
-        if not isinstance(v, str):
-            raise BadValue(f"{what} must be text, got {v!r}")
-        return v
-    return check
 
 
 
@@ -328,7 +320,7 @@ def _top_level(raw: dict, problems: list) -> dict:
     out = {"experiment": top("experiment", member.text("experiment (the MLflow experiment name)"), None)}
     if "experiment" not in raw:
         problems.append("experiment: missing; every grid names its MLflow experiment, e.g. experiment: demo")
-    out["description"] = top("description", optional(text_or_empty("description")), "") or ""
+    out["description"] = top("description", optional(member.text("description", empty_ok=True)), "") or ""
     out["max_concurrent"] = top("max_concurrent", optional(whole("max_concurrent", 1)), None)
     out["tracking_uri"] = top("tracking_uri", optional(member.text("tracking_uri")), None)
     out["storage_path"] = top("storage_path", optional(member.text("storage_path")), None)
@@ -341,13 +333,19 @@ def _unknown_member_key(key, loc) -> str:
     return f"{loc}: unknown key{suggest(key, tuple(member.keys()))}; member keys are listed in docs/DESIGN.md"
 
 
+def _member_mapping(raw: dict, section: str, shape: str, problems: list) -> dict:
+    """The grid's ``section`` (``fixed`` / ``axes``) as a mapping; a problem and {} if it is not one."""
+    found = raw.get(section) or {}
+    if not isinstance(found, dict):
+        problems.append(f"{section}: must be a mapping of {shape}, got {found!r}")
+        return {}
+    return found
+
+
 def _parse_fixed(raw: dict, problems: list) -> tuple[dict, dict]:
     """→ (checked fixed values, the raw ``fixed`` mapping)."""
     fixed = {}
-    raw_fixed = raw.get("fixed") or {}
-    if not isinstance(raw_fixed, dict):
-        problems.append(f"fixed: must be a mapping of member keys, got {raw_fixed!r}")
-        raw_fixed = {}
+    raw_fixed = _member_mapping(raw, "fixed", "member keys", problems)
     for key, value in raw_fixed.items():
         if key not in member.keys():
             problems.append(_unknown_member_key(key, f"fixed.{key}"))
@@ -361,10 +359,7 @@ def _parse_fixed(raw: dict, problems: list) -> tuple[dict, dict]:
 def _parse_axes(raw: dict, raw_fixed: dict, problems: list) -> tuple[dict, dict]:
     """→ (member key → checked values in file order, the raw ``axes`` mapping)."""
     axes = {}
-    raw_axes = raw.get("axes") or {}
-    if not isinstance(raw_axes, dict):
-        problems.append(f"axes: must be a mapping of member key → values, got {raw_axes!r}")
-        raw_axes = {}
+    raw_axes = _member_mapping(raw, "axes", "member key → values", problems)
     for key, spec in raw_axes.items():
         loc = f"axes.{key}"
         if key not in member.keys():

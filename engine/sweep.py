@@ -20,7 +20,8 @@ from datetime import datetime
 from pathlib import Path
 
 from engine import layout, plan
-from engine.grid import GridError, check_resources, load_grid
+from engine.grid import GridError, load_grid
+from engine.resources import check_resources
 from engine.local_ray import start_local_ray
 from engine.preflight import (STORAGE_ENV, check_address, check_datasets, check_experiment, check_storage,
                               check_storage_on_nodes, check_tracking_uri)

@@ -4,7 +4,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.grid import GridError, check_resources, load_grid
+from engine.grid import GridError, load_grid
+from engine.resources import check_resources
 from trainables.member import MEMBER_DEFAULTS
 
 GRIDS = Path(__file__).resolve().parents[1] / "grids"
@@ -97,7 +98,7 @@ def test_paper_settings_in_grids():
     _, cfg = fe.members()[0]
     assert (cfg["iterations"], cfg["num_stoch_grads"], cfg["samples_per_label"]) == (1_600_000, 1000, 5000)
     assert cfg["protocol"] == "fixed_sphere" and cfg["entropy"][0]["window"] == 1000
-    from engine.grid import trial_resources
+    from engine.resources import trial_resources
     by_width = {t["members"][0][1]["width"]: trial_resources(fe, t) for t in fe.trials()}
     assert by_width == {8: {"cpu": 1.0, "gpu": 0.25}, 64: {"cpu": 1.0, "gpu": 1.0}}
     ig = load_grid(GRIDS / "lr_wd.yaml")

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from engine import plan
-from engine.grid import GridError, check_resources, load_grid, trial_resources
+from engine.grid import GridError, load_grid
+from engine.resources import check_resources, trial_resources
 from engine.sweep import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -155,7 +155,7 @@ def test_step_lr_is_the_gradient_multiplier():
 def test_protocol_object_describes_its_own_update(name):
     """What a Protocol says about itself holds for its update: with λ = 0 the step before any
     projection is θ − step_lr(lr, |θ|)·g, and λ changes the result exactly when ``uses_wd``."""
-    from trainables.defaults import MEMBER_DEFAULTS
+    from trainables.member import MEMBER_DEFAULTS
 
     proto = protocols.protocol(name)
     assert proto.name == name and protocols.get(name) is proto.update

@@ -1,7 +1,5 @@
-"""Device choice, and the member defaults re-exported under their old names (their home: trainables.member)."""
+"""Device choice (member defaults live in trainables.member)."""
 from __future__ import annotations
-
-from trainables.member import DEFAULT_KS, MEMBER_DEFAULTS, member_config as fill_defaults  # noqa: F401 (re-exported)
 
 
 def resolve_device(device: str | None):

@@ -19,9 +19,8 @@ import operator
 import numpy as np
 import torch
 
-from trainables import defaults as _defaults
 
-DEFAULT_KS = tuple(_defaults.DEFAULT_KS)
+DEFAULT_KS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)   # k of the k-NN estimator unless a spec says
 EULER_GAMMA = 0.5772156649015329
 _BLOCK_ELEMENTS = 2 ** 25  # float64 elements per column block (256 MB)
 

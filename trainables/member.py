@@ -25,10 +25,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from trainables import data, models, optimizers, protocols, schedule
+from trainables import data, entropy, models, optimizers, protocols, schedule
 from trainables.stopping import check_spec as check_stop_spec
 
-DEFAULT_KS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]
+DEFAULT_KS = list(entropy.DEFAULT_KS)     # a member config holds lists (YAML, JSON)
 TOY_MODULES = ("trainables.toys.vmf", "trainables.toys.sphere")   # each registers MODEL, KEYS, DEFAULTS
 ABSENT = object()   # default of a key that stays out of a member unless it is set (e.g. dtype)
 
@@ -98,10 +98,10 @@ def choice(key, names: Callable[[], Any]):
     return check
 
 
-def text(what):
+def text(what, empty_ok=False):
     def check(v):
-        if not isinstance(v, str) or not v:
-            raise BadValue(f"{what} must be non-empty text, got {v!r}")
+        if not isinstance(v, str) or not (v or empty_ok):
+            raise BadValue(f"{what} must be {'' if empty_ok else 'non-empty '}text, got {v!r}")
         return v
     return check
 

@@ -33,7 +33,8 @@ from trainables import metrics
 from trainables import optimizers, protocols
 from trainables.cuda_graph import replayed_step
 from trainables.data import load_dataset, sample_batch_indices
-from trainables.defaults import DEFAULT_KS, fill_defaults, resolve_device
+from trainables.defaults import resolve_device
+from trainables.member import DEFAULT_KS, member_config
 from trainables.entropy import knn_graph_entropy
 from trainables.models import FlatBundle, build_bundle, build_model, flatten_si_parameters
 from trainables.runner import bundle_conflicts
@@ -151,7 +152,7 @@ class NetworkRunner:
     def __init__(self, members: list[dict], device=None):
         if not members:
             raise ValueError("a network trial needs at least one member")
-        cfgs = [fill_defaults(m) for m in members]
+        cfgs = [member_config(m) for m in members]
         problems = bundle_conflicts(cfgs)
         if problems:
             raise ValueError("; ".join(problems))
