@@ -278,7 +278,7 @@ def test_driver_killed_between_tracker_and_tune_resumes_without_rerunning(tmp_pa
 def test_next_start_stops_what_a_killed_driver_left(ray_tmpdir, monkeypatch):
     """Where SIGKILL of the driver leaves processes of its local Ray behind (the issue saw Ray's agents),
     the next start stops them: only sessions marked by a driver of ours whose process is gone."""
-    from engine.local_ray import DRIVER_MARK, reap_killed_drivers
+    from engine.local_ray import DRIVER_MARK, processes_of, reap_killed_drivers
 
     monkeypatch.setenv("RAY_TMPDIR", str(ray_tmpdir))
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -293,6 +293,13 @@ def test_next_start_stops_what_a_killed_driver_left(ray_tmpdir, monkeypatch):
                                            f"--log-dir={d}/logs"])
     orphan, alive = sessions.values()
     try:
+        # a just-started child shows its parent's command line until it execs: wait until both stand-ins
+        # name their session (what a running Ray agent always does), or the reaper cannot see them
+        deadline = time.monotonic() + 60
+        for name, proc in sessions.items():
+            while proc.pid not in processes_of(str(ray_tmpdir / "ray" / name)):
+                assert time.monotonic() < deadline, f"stand-in {proc.pid} never showed its command line"
+                assert proc.poll() is None
         reaped = reap_killed_drivers()
         assert reaped == [orphan.pid]
         assert orphan.wait(30) == -signal.SIGKILL
