@@ -14,14 +14,36 @@ import sys
 from pathlib import Path
 
 DRIVER_MARK = "thermosweep_driver.json"           # in the session directory of a local Ray we started
+START_ATTEMPTS = 3      # Ray gives its raylet 30 s to register: on an overloaded machine that can fail once
 
 
-def start_local_ray(num_cpus: int | None, num_gpus: int | None) -> None:
+class LocalRayError(RuntimeError):
+    """The local Ray could not be started (nothing of the sweep ran)."""
+
+
+def start_local_ray(num_cpus: int | None, num_gpus: int | None, attempts: int = START_ATTEMPTS) -> None:
     """A fresh Ray of our own ("local": never one that a crashed earlier ``ray start`` left behind),
-    after stopping what killed drivers left; its session is marked as ours."""
+    after stopping what killed drivers left; its session is marked as ours. A start that fails (Ray's
+    "timed out during startup" on a busy machine) is tried again; after ``attempts`` failures
+    :class:`LocalRayError` says what happened and what to do."""
     import ray
     reap_killed_drivers()
-    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False)
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False)
+            break
+        except Exception as e:      # Ray raises bare Exception / OSError / RuntimeError here
+            ray.shutdown()          # whatever the failed start left running
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            if attempt == attempts:
+                raise LocalRayError(
+                    f"the local Ray did not start ({attempts} attempts; the last said: {why}). Nothing of the "
+                    "sweep ran and nothing was written to MLflow. On a busy machine, run again when the load "
+                    "is lower (Ray gives its processes 30 s to start) or give the sweep fewer CPUs "
+                    "(--num-cpus); otherwise start a Ray yourself (ray start --head) and pass "
+                    "--address 127.0.0.1:6379, whose start-up messages say more") from e
+            print(f"note: the local Ray did not start ({why}); trying again ({attempt + 1}/{attempts})",
+                  file=sys.stderr)
     mark_session()
 
 

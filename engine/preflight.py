@@ -175,9 +175,26 @@ def ray_endpoint(address: str) -> tuple[str, int] | None:
     return host.strip("[]"), int(port)
 
 
+# Ray's longest socket path below its temp dir: /ray/session_<date>_<time>_<µs>_<pid>/sockets/plasma_store
+RAY_SOCKET_SUFFIX = len("/ray/session_2026-12-03_16-57-43_469413_4194304/sockets/plasma_store")
+UNIX_SOCKET_PATH_MAX = 107
+
+
+def check_local_ray_dir() -> list[str]:
+    """A local Ray puts its sockets under its temp dir ($RAY_TMPDIR, else the system's): a path too long
+    for a Unix socket makes it fail at start, after the grid was accepted."""
+    from ray._common.utils import get_default_ray_temp_dir
+    base = Path(get_default_ray_temp_dir()).parent           # the dir that holds ray/ (ours: $RAY_TMPDIR)
+    if len(str(base)) + RAY_SOCKET_SUFFIX <= UNIX_SOCKET_PATH_MAX:
+        return []
+    return [f"Ray temp dir: a local Ray's socket paths under {base} would be longer than the "
+            f"{UNIX_SOCKET_PATH_MAX} bytes a Unix socket allows, so it cannot start; set RAY_TMPDIR to a directory "
+            f"whose path has at most {UNIX_SOCKET_PATH_MAX - RAY_SOCKET_SUFFIX} characters (e.g. RAY_TMPDIR=/tmp/r)"]
+
+
 def check_address(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -> list[str]:
     if not address:
-        return []
+        return check_local_ray_dir()
     try:
         endpoint = ray_endpoint(address)
     except ValueError:

@@ -22,7 +22,7 @@ from pathlib import Path
 from engine import layout, plan
 from engine.grid import GridError, load_grid
 from engine.resources import check_resources
-from engine.local_ray import start_local_ray
+from engine.local_ray import LocalRayError, start_local_ray
 from engine.preflight import (STORAGE_ENV, check_address, check_datasets, check_experiment, check_storage,
                               check_storage_on_nodes, check_tracking_uri)
 from engine.resume import find_sweep_dir
@@ -350,6 +350,9 @@ def main(argv=None) -> int:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except LocalRayError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     _print_summary(summary)
     counts = summary["members"]
     return 1 if counts["failed"] or counts["unfinished"] else 0

@@ -186,6 +186,66 @@ def test_stale_ray_address_file_does_not_hang_the_main_command(tmp_path, ray_tmp
     assert "1 done" in p.stdout
 
 
+def test_ray_temp_dir_too_long_for_its_sockets_is_refused_before_anything_starts(tmp_path):
+    """Ray's sockets live under $RAY_TMPDIR; a path over 107 bytes makes ray.init fail (OSError from Ray's
+    socket check) after the grid was accepted. The sweep says so first, in --dry-run too, and starts nothing."""
+    long_dir = Path("/tmp") / ("r" * 60)          # /tmp/rrr… : 65 characters, the limit is 39
+    env = dict(repo_env(), RAY_TMPDIR=str(long_dir))
+    db = tmp_path / "m.db"
+    base = [sys.executable, "-m", "engine.sweep", str(DEMO), "--storage-path", str(tmp_path / "rr"),
+            "--tracking-uri", f"sqlite:///{db}", "--set", "iterations=20"]
+    for extra in (["--dry-run"], []):
+        p = subprocess.run(base + extra, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2, p.stdout[-1000:] + p.stderr[-2000:]
+        assert "RAY_TMPDIR" in p.stderr and "107 bytes" in p.stderr, p.stderr[-2000:]
+    assert not long_dir.exists() and not db.exists() and not (tmp_path / "rr").exists()
+
+
+FLAKY_START = """
+import sys
+import ray
+import engine.local_ray as local_ray
+from engine.sweep import main
+
+real_init, calls = ray.init, []
+
+def init(*a, fail=int(sys.argv[1]), **k):      # Ray's own message when its raylet misses the 30 s start-up window
+    calls.append(1)
+    if len(calls) <= fail:
+        raise Exception("The current node timed out during startup. This could happen because some of the "
+                        "raylet failed to startup or the GCS has become overloaded.")
+    return real_init(*a, **k)
+
+ray.init = init
+code = main(sys.argv[2:])
+print(f"EXIT {code} STARTS {len(calls)}")
+"""
+
+
+@pytest.mark.parametrize("failures", [1, 3])
+def test_local_ray_that_fails_to_start_is_tried_again_then_explained(tmp_path, ray_tmpdir, failures):
+    """Fault mocked (Ray's 30 s start-up timeout cannot be caused on purpose): the first failed start of
+    the local Ray is tried again and the sweep runs; three failures end in one clear message, exit 1,
+    with nothing written to MLflow (before: Ray's traceback)."""
+    script = tmp_path / "flaky_start.py"
+    script.write_text(FLAKY_START)
+    db = tmp_path / "m.db"
+    args = [sys.executable, str(script), str(failures), str(DEMO), "--num-cpus", "1", "--num-gpus", "0",
+            "--verbose", "0", "--storage-path", str(tmp_path / "rr"), "--tracking-uri", f"sqlite:///{db}",
+            "--set", "experiment=flaky", "--set", "iterations=20", "--set", "log_schedule=every:10",
+            "--set", "lr=0.1", "--set", "entropy=[]", "--set", "width=1", "--set", "num_stoch_grads=2"]
+    env = dict(repo_env(), RAY_TMPDIR=str(ray_tmpdir))
+    p = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    if failures == 1:
+        assert "EXIT 0 STARTS 2" in p.stdout and "1 done" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
+        assert "trying again (2/3)" in p.stderr
+    else:
+        assert "EXIT 1 STARTS 3" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
+        assert "error: the local Ray did not start (3 attempts" in p.stderr and "timed out during startup" in p.stderr
+        assert not db.exists()
+
+
 # ----------------------------------------------------------------------------- kill -9 at the resume seam
 
 class KillAtSeam(Callback):
