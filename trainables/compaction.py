@@ -33,7 +33,7 @@ def distinct_seeds(cfgs: list[dict]) -> list[int]:
     return list(dict.fromkeys(int(c["seed"]) for c in cfgs))
 
 
-def parked_to_drop(runner) -> list[int] | None:
+def members_to_keep(runner) -> list[int] | None:
     """The members to keep when some batch member is parked and some still runs, else None."""
     running = [k for k in runner.active if runner.status[k] == "running"]
     if not runner.compacts or not running or len(running) == len(runner.active):

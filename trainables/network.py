@@ -321,7 +321,7 @@ class NetworkRunner:
             for k in self.active:
                 if k not in self._script[t] and self.status[k] == "running":
                     self._park(k, "stopped")
-        keep = compaction.parked_to_drop(self)
+        keep = compaction.members_to_keep(self)
         if keep is not None:
             compaction.compact(self, keep)
             self.compactions.append([t, list(keep)])
