@@ -4,6 +4,7 @@
     python benchmarks/bench_bundle.py --models convnet --ks 1 8 --steps 20 --data digits --batch-size 64
     python benchmarks/bench_bundle.py --mechanisms                   # grouped convs vs torch.func.vmap
     python benchmarks/bench_bundle.py --compile                      # torch.compile of the solo step
+    python benchmarks/bench_bundle.py --models convnet --ks 8 --stops 4   # stopped members: parked vs compacted
 
 One line per (model, K): member-iterations/s of ``NetworkRunner._step`` (the hot loop: minibatch, one
 forward and one backward of the K summed member losses, the protocol update on θ (K, D), running metrics)
@@ -15,6 +16,11 @@ events; elsewhere with the wall clock (the same code path, with a no-op synchron
 ``--mechanisms`` compares, at the same K, the runner's grouped convolutions with the other candidate,
 ``torch.func.stack_module_state`` + ``functional_call`` + ``vmap`` over K copies of the plain model
 (forward and backward only, no update), by operators and time.
+
+``--stops N`` times, for each K, one step of the whole bundle with every member running, with N members
+stopped and parked (learning rate masked, still in the batch: ``compacts`` off) and with N members stopped
+and compacted out of the batch (trainables.compaction), rounds interleaved (median of ``--rounds``), and
+counts the aten operators of one step of each.
 
 ``--compile`` times the one-member step eagerly, with ``torch.compile`` of the model, and the papers'
 own loop (nn.Module parameters, ``torch.optim.SGD``, a per-tensor projection), and checks that the
@@ -36,7 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainables import metrics                                   # noqa: E402
+from trainables import compaction, metrics                       # noqa: E402
 from trainables.data import load_dataset, sample_batch_indices         # noqa: E402
 from trainables.models import build_model, si_parameters               # noqa: E402
 from trainables.network import NetworkRunner                             # noqa: E402
@@ -166,6 +172,37 @@ def papers_loop(model, args, device):
     return step
 
 
+def stopped_runner(model, K, n_stop, compacted, args, device):
+    """A bundle of K whose first ``n_stop`` members stopped: parked, or compacted out of the batch."""
+    runner = make_runner(model, K, args, device)
+    for k in range(n_stop):
+        runner._park(k, "stopped")
+    if compacted:
+        compaction.compact(runner, list(range(n_stop, K)))
+    return runner
+
+
+def bench_stops(model, K, n_stop, args, device):
+    """{case: (seconds per bundle step (median over rounds), aten ops per step)}."""
+    runners = {"all running": stopped_runner(model, K, 0, False, args, device),
+               f"{n_stop} parked": stopped_runner(model, K, n_stop, False, args, device),
+               f"{n_stop} compacted": stopped_runner(model, K, n_stop, True, args, device)}
+    ops, times = {}, {case: [] for case in runners}
+    for case, runner in runners.items():
+        for t in range(args.warmup):
+            runner._step(t)
+        with OpCounter() as counter:
+            runner._step(args.warmup)
+        ops[case] = counter.total
+    for _ in range(args.rounds):
+        for case, runner in runners.items():
+            with Clock(device) as clock:
+                for t in range(args.steps):
+                    runner._step(t)
+            times[case].append(clock.seconds / args.steps)
+    return {case: (sorted(ts)[len(ts) // 2], ops[case]) for case, ts in times.items()}
+
+
 def timed(step, args, device):
     for _ in range(args.warmup):
         step()
@@ -208,6 +245,8 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--mechanisms", action="store_true", help="grouped convs vs torch.func vmap")
     p.add_argument("--compile", action="store_true", help="torch.compile of the one-member step")
+    p.add_argument("--stops", type=int, default=0, help="N stopped members: parked vs compacted")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds of --stops")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
@@ -221,6 +260,15 @@ def main(argv=None):
                   f"(compile {compile_s:.0f} s; θ after 6 steps differs by {diff:.1e} relative), "
                   f"papers' loop {it['papers_loop']:.1f}; eager / papers {it['eager'] / it['papers_loop']:.2f}, "
                   f"compiled / papers {it['compiled'] / it['papers_loop']:.2f}")
+        return 0
+    if args.stops:
+        for model in args.models:
+            for K in args.ks:
+                res = bench_stops(model, K, args.stops, args, device)
+                full = res["all running"][0]
+                for case, (sec, ops) in res.items():
+                    print(f"{model:8s} K={K:3d} {case:14s} s/step {sec:8.4f} ({sec / full:5.2f}× all running)  "
+                          f"aten ops / step {ops:6d}", flush=True)
         return 0
     for model in args.models:
         base = None

@@ -107,15 +107,21 @@ def read_anchor(directory: str) -> tuple[int, dict | None] | None:
     return a, torch.load(os.path.join(directory, ANCHOR_FILE), map_location="cpu", weights_only=True)
 
 
-def rebuild_windows(runner, sink, keeper: AnchorKeeper, anchor: tuple[int, dict | None], until: int) -> int:
+def rebuild_windows(runner, sink, keeper: AnchorKeeper, anchor: tuple[int, dict | None], until: int,
+                    target: dict | None = None) -> int:
     """Run ``runner`` from the anchor to log step ``until``, shipping its snapshots to ``sink``.
 
-    The runner must be freshly built; afterwards load the checkpoint's state into it. Returns the
-    number of iterations replayed."""
+    The runner must be freshly built; afterwards load the checkpoint's state (``target``) into it. A
+    runner whose stopped members leave its batch (trainables.network) is told ``target`` so that the
+    replay compacts where the original run did (the stop rule is not consulted in a replay). Returns
+    the number of iterations replayed."""
     a, state = anchor
     if state is not None:
         runner.load_state_dict(state)
         keeper.states[a] = _serialise(state)
+    follow = getattr(runner, "follow", None)
+    if target is not None and follow is not None:
+        follow(target)
     start = runner.iteration
     sink.replaying = True
     try:

@@ -20,6 +20,12 @@ the pending evaluation again (``max_task_retries=-1``). The windows die with the
 restored trial rebuilds them by replay (engine.replay). Every call from the trial is guarded, so a
 reservoir problem never fails a trial: that log step's rows get ``entropy_missing = 1`` instead.
 
+Members that left a bundle's batch (trainables.compaction): from then on the trial puts only the rows of
+the members still in it, so chunks made before and after hold different member sets. A chunk is
+therefore shipped whole with its members (original indices) and the window of member m reads, in each
+chunk, the row of m (``ChunkedWindow``); a running member is in every chunk of its windows, since the set
+only shrinks. Only the members a log step asks for (the running ones) are evaluated.
+
 Asynchronous mode (the engine's): ``evaluate`` only submits the evaluation and returns empty rows; the
 trial keeps training and picks the results up, in log-step order, with :meth:`ReservoirSink.collect`.
 """
@@ -45,17 +51,18 @@ CHUNK_BYTES = 256 * 2 ** 20
 class WindowIndex:
     """Which chunk holds which snapshot, per estimator spec, with the release rule: a chunk is dropped
     as soon as none of its snapshots is among the ``window`` most recent stride-aligned ones of any
-    spec (the trial's sink keeps one; a dropped chunk's object is freed once no evaluation uses it)."""
+    spec (the trial's sink keeps one; a dropped chunk's object is freed once no evaluation uses it).
+    Each chunk remembers the members its rows hold (original indices; None: all, in order)."""
 
     def __init__(self, specs: list[dict]):
         self.specs = [dict(s) for s in specs]
         self.index: list[dict[int, tuple[int, int]]] = [dict() for _ in self.specs]  # it -> (chunk, row)
-        self.chunks: dict[int, tuple] = {}      # chunk id -> (ref, iterations)
+        self.chunks: dict[int, tuple] = {}      # chunk id -> (ref, iterations, members)
         self.next_id = 0
 
-    def add(self, iterations: list[int], ref) -> None:
+    def add(self, iterations: list[int], ref, members: list[int] | None = None) -> None:
         cid, self.next_id = self.next_id, self.next_id + 1
-        self.chunks[cid] = (ref, list(iterations))
+        self.chunks[cid] = (ref, list(iterations), None if members is None else list(members))
         for spec, idx in zip(self.specs, self.index):
             stride, n = int(spec.get("stride", 1)), int(spec["window"])
             for row, it in enumerate(iterations):
@@ -69,17 +76,18 @@ class WindowIndex:
             del self.chunks[c]
 
     def window(self, k: int, t: int) -> list | None:
-        """[(ref, row)] of spec k's window at log step t, oldest first; None if a snapshot is missing."""
+        """[(ref, row, members)] of spec k's window at log step t, oldest first (``members``: the chunk's,
+        None for all); None if a snapshot is missing."""
         spec = self.specs[k]
         where = [self.index[k].get(i) for i in window_iterations(t, int(spec["window"]),
                                                                  int(spec.get("stride", 1)))]
         if any(w is None for w in where):
             return None
-        return [(self.chunks[cid][0], row) for cid, row in where]
+        return [(self.chunks[cid][0], row, self.chunks[cid][2]) for cid, row in where]
 
     def live(self) -> list[tuple]:
         """(iterations, ref) of the chunks kept, oldest first."""
-        return [(its, ref) for _, (ref, its) in sorted(self.chunks.items())]
+        return [(its, ref) for _, (ref, its, _) in sorted(self.chunks.items())]
 
     def snapshot_counts(self) -> list[int]:
         return [len(i) for i in self.index]
@@ -87,6 +95,9 @@ class WindowIndex:
 
 class ChunkedWindow:
     """One member's window (N, D), oldest snapshot first, read straight from the chunks that hold it.
+
+    ``parts``: [(chunk array (k, members, D), [rows], chunk's members or None)]; member ``member``
+    (an original index) is read from its own column of every chunk (KeyError: a chunk lacks it).
 
     The estimators of trainables.entropy read a window only in column blocks (``window[:, a:b]``,
     ``window[:, j]``); each such slice gathers just those columns from the chunks (N × (b − a) floats),
@@ -98,8 +109,12 @@ class ChunkedWindow:
 
     def __init__(self, parts: list, member: int, device=None):
         self.parts, self.member = parts, member
+        self.columns = [member if held is None else held.index(member) if member in held else None
+                        for _, _, held in parts]
+        if None in self.columns:
+            raise KeyError(f"member {member} is not in every chunk of its window")
         self.device = torch.device(device or "cpu")
-        self.shape = torch.Size((sum(len(rows) for _, rows in parts), parts[0][0].shape[-1]))
+        self.shape = torch.Size((sum(len(rows) for _, rows, _ in parts), parts[0][0].shape[-1]))
 
     def dim(self) -> int:
         return 2
@@ -111,7 +126,8 @@ class ChunkedWindow:
         rows, cols = key
         if rows != slice(None):
             raise IndexError("a ChunkedWindow is read in column slices only: window[:, a:b] or window[:, j]")
-        block = torch.from_numpy(np.concatenate([a[r, self.member, cols] for a, r in self.parts], axis=0))
+        block = torch.from_numpy(np.concatenate([a[r, c, cols] for (a, r, _), c in zip(self.parts, self.columns)],
+                                                axis=0))
         return block.to(self.device, non_blocking=True)
 
 
@@ -128,18 +144,24 @@ class Reservoir:
         torch.set_num_threads(max(1, min(os.cpu_count() or 1, 4)))
         self.lock = threading.Lock()
 
-    def evaluate(self, trial_key: str, t: int, n_members: int, jobs: list) -> list[dict]:
-        """Entropy rows at log step t. ``jobs``: [(spec, window)] with window = [(chunk ref, row)]
-        oldest first, or None when a snapshot is missing (that step's rows get entropy_missing)."""
+    def evaluate(self, trial_key: str, t: int, n_members: int, jobs: list,
+                 members: list[int] | None = None) -> list[dict]:
+        """Entropy rows at log step t, for ``members`` (default all; the others' rows stay empty).
+        ``jobs``: [(spec, window)] with window = [(chunk ref, row, chunk's members)] oldest first, or
+        None when a snapshot is missing (that step's rows get entropy_missing)."""
         rows: list[dict] = [{} for _ in range(n_members)]
+        members = range(n_members) if members is None else members
         for spec, where in jobs:
             parts = self._read(trial_key, t, where)
-            if parts is None:
-                for r in rows:
-                    r["entropy_missing"] = 1.0
-                continue
-            for m in range(n_members):
-                add_window_entropy(rows[m], window_entropy(ChunkedWindow(parts, m, self.device), spec))
+            for m in members:
+                try:
+                    window = None if parts is None else ChunkedWindow(parts, m, self.device)
+                except KeyError:
+                    window = None
+                if window is None:
+                    rows[m]["entropy_missing"] = 1.0
+                else:
+                    add_window_entropy(rows[m], window_entropy(window, spec))
         with self.lock:
             self.evaluations += 1
             self.served[trial_key] = self.served.get(trial_key, 0) + 1
@@ -147,24 +169,24 @@ class Reservoir:
 
     @staticmethod
     def _read(trial_key: str, t: int, where: list | None) -> list | None:
-        """The window's parts [(chunk array (k, n_members, D), [rows])] in window order, read from the
-        object store without copying (zero-copy views), or None if a snapshot is missing."""
+        """The window's parts [(chunk array (k, members, D), [rows], chunk's members)] in window order, read
+        from the object store without copying (zero-copy views), or None if a snapshot is missing."""
         if where is None:
             return None
         arrays: dict = {}
         try:
-            for ref, _ in where:
+            for ref, _, _ in where:
                 if ref not in arrays:
                     arrays[ref] = ray.get(ref)
         except Exception as e:  # objects lost with a dead trial process
             log.warning("reservoir: window of %s at %d lost (%s)", trial_key, t, e)
             return None
         parts: list = []
-        for ref, row in where:
+        for ref, row, held in where:
             if parts and parts[-1][0] is arrays[ref]:
                 parts[-1][1].append(row)
             else:
-                parts.append((arrays[ref], [row]))
+                parts.append((arrays[ref], [row], held))
         return parts
 
     def forget(self, trial_key: str) -> None:
@@ -238,6 +260,7 @@ class ReservoirSink:
         self.chunk = max(1, min(chunk_snapshots or CHUNK_SNAPSHOTS, CHUNK_BYTES // per_snapshot))
         self.buffer = torch.empty(self.chunk, n_members, D, device=device, dtype=torch.float32)
         self.buffered: list[int] = []
+        self.members: list[int] | None = None     # the members of the buffered snapshots (None: all)
         self.windows = WindowIndex(self.specs)
         self.replaying = False
         self.asynchronous = asynchronous
@@ -251,8 +274,15 @@ class ReservoirSink:
             log.warning("reservoir call failed for %s: %s", self.trial_key, e)
             return default
 
-    def put(self, it: int, theta: torch.Tensor) -> None:
-        self.buffer[len(self.buffered)].copy_(theta, non_blocking=True)
+    def put(self, it: int, theta: torch.Tensor, members: list[int] | None = None) -> None:
+        """Buffer the snapshot of iteration ``it``: one row per member, or per member of ``members``
+        (original indices); a change of members closes the chunk (a chunk holds one member set)."""
+        if members is not None and len(members) == self.n_members:
+            members = None
+        if self.buffered and members != self.members:
+            self.flush()
+        self.members = None if members is None else list(members)
+        self.buffer[len(self.buffered), :theta.shape[0]].copy_(theta, non_blocking=True)
         self.buffered.append(it)
         if len(self.buffered) == self.chunk:
             self.flush()
@@ -260,22 +290,24 @@ class ReservoirSink:
     def flush(self) -> None:
         if not self.buffered:
             return
-        k = len(self.buffered)
-        ref = ray.put(self.buffer[:k].cpu().numpy().copy())
+        k, n = len(self.buffered), self.n_members if self.members is None else len(self.members)
+        ref = ray.put(self.buffer[:k, :n].cpu().numpy().copy())
         its, self.buffered = self.buffered, []
-        self.windows.add(its, ref)
+        self.windows.add(its, ref, self.members)
 
     def _missing(self) -> list[dict]:
         return [{"entropy_missing": 1.0} for _ in range(self.n_members)]
 
-    def evaluate(self, t: int, spec_ids: list[int] | None = None) -> list[dict]:
+    def evaluate(self, t: int, spec_ids: list[int] | None = None, members: list[int] | None = None) -> list[dict]:
+        """Entropy rows at log step t for ``members`` (default all), or empty rows (asynchronous: see
+        ``collect``)."""
         if self.replaying:
             return [{} for _ in range(self.n_members)]
         self.flush()
         jobs = [(spec, self.windows.window(k, t)) for k, spec in enumerate(self.specs)
                 if (spec_ids is None or k in spec_ids)
                 and window_complete(t, int(spec["window"]), int(spec.get("stride", 1)))]
-        ref = self._guard(lambda: self.reservoir.evaluate.remote(self.trial_key, t, self.n_members, jobs))
+        ref = self._guard(lambda: self.reservoir.evaluate.remote(self.trial_key, t, self.n_members, jobs, members))
         if not self.asynchronous:
             return self._result(ref)
         self.outstanding.append((t, ref))

@@ -104,7 +104,7 @@ def _restore(runner, sink, keeper) -> bool:
         state = torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
         anchor = read_anchor(directory) if sink is not None else None
     if anchor is not None:
-        rebuild_windows(runner, sink, keeper, anchor, until=int(state["iteration"]))
+        rebuild_windows(runner, sink, keeper, anchor, until=int(state["iteration"]), target=state)
     runner.load_state_dict(state)
     return True
 

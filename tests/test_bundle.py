@@ -116,6 +116,9 @@ def test_a_diverging_member_stops_while_the_others_go_on():
     assert all(e["running"][1] == [] for e in events[stop + 1:])       # nothing after it stopped
     assert any(not math.isfinite(r["batch_loss"]) for e in events for r in e["running"][1])
     assert torch.isfinite(bundle.rows).all()                            # parked at its start
+    # and then it left the batch, where the divergence was noticed (trainables.compaction)
+    assert bundle.active == [0, 2] and bundle.rows.shape[0] == 2
+    assert bundle.compactions == [[events[stop]["iteration"], [0, 2]]]
     for k in (0, 2):                                                    # the others: as alone
         solo, _ = solo_events(members[k])
         rows = [e for e in events if e["rows"][k] is not None]

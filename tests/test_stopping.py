@@ -177,7 +177,10 @@ def test_solo_network_member_stops_at_the_verdict_of_its_rows():
     _same_rows(rows, reference)
 
 
-def test_bundled_network_member_stops_and_the_other_runs_on_unchanged():
+@pytest.mark.parametrize("compacts", [False, True], ids=["parked", "compacted"])
+def test_bundled_network_member_stops_and_the_other_runs_on_unchanged(compacts, monkeypatch):
+    from trainables import compaction
+    monkeypatch.setattr(compaction, "COMPACT", compacts)
     _, _, ref_events = _train([_net(1.0), _net(0.01)])
     expected = [_expected_stop(_rows(ref_events, k), NET_STOP, 600) for k in range(2)]
     assert expected[0] is not None and expected[1] is None      # the fast member stops, the slow one not
@@ -185,12 +188,25 @@ def test_bundled_network_member_stops_and_the_other_runs_on_unchanged():
     assert runner.status == ["stopped", "done"]
     fast, slow = _rows(events, 0), _rows(events, 1)
     assert fast[-1]["iteration"] == expected[0] == fast[-1]["stopped_at"]
-    # parked: no rows and no running rows after its stop, its learning rate masked
+    # no rows and no running rows after its stop
     after = [e for e in events if e["iteration"] > expected[0]]
     assert after and all(e["rows"][0] is None and not e["running"][0] for e in after)
-    assert runner.lr[0].item() == 0.0 and runner.lr[1].item() == pytest.approx(0.01, rel=1e-6)
     _same_rows(fast, _rows(ref_events, 0))
-    assert slow == _rows(ref_events, 1) and slow[-1]["iteration"] == 600
+    reference = _rows(ref_events, 1)
+    assert len(slow) == len(reference) and slow[-1]["iteration"] == 600
+    if not compacts:        # parked: its learning rate masked, the other member's numbers unchanged
+        assert runner.lr.flatten().tolist() == [0.0, pytest.approx(0.01, rel=1e-6)]
+        assert slow == reference
+        return
+    # it left the batch: one member (η = 0.01) trains on; up to the stop the bits are the same, then the
+    # one-group kernels round differently (float32 here; float64 to 1e-9: tests/test_compaction.py) and
+    # SGD amplifies that over a few hundred steps, so only the next log rows are compared
+    assert runner.active == [1] and runner.rows.shape[0] == 1
+    assert runner.lr.flatten().tolist() == [pytest.approx(0.01, rel=1e-6)]
+    n = len(fast)
+    assert slow[:n] == reference[:n]
+    for a, b in zip(slow[n:n + 3], reference[n:n + 3]):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-4) for k in a)
 
 
 def test_op_converged_member_is_never_stopped():

@@ -8,6 +8,8 @@ Public API:
     build_model(name, width, num_classes, ...) -> nn.Module
     build_bundle(name, width, num_classes, members, ...) -> nn.Module of K members (grouped convs)
     FlatBundle(model, K)          θ (K, D) and ∇ (K, D) of a bundled model, one row per member
+    bundle_skeleton(name, width, num_classes, K, ...) -> a bundle of K members whose state is to be loaded
+    select_members(state, K, keep) -> the state_dict of a bundle of members ``keep`` only
     si_parameters(model) -> list of trainable parameters (θ, fixed order)
     num_si_params(model) -> D
     flatten_si_parameters(model) -> (theta, grad) flat views shared with the model
@@ -288,6 +290,31 @@ def build_bundle(name, width, num_classes, members, in_channels=3):
         if model.head.bias is not None:
             model.head.bias.copy_(torch.stack([s.head.bias for s in solos]).unsqueeze(1))
     return model
+
+
+def bundle_skeleton(name, width, num_classes, K, in_channels=3):
+    """A bundle of K members with placeholder weights, to be filled by ``load_state_dict`` (the global
+    torch RNG state is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        return MODELS[name](width, num_classes, in_channels, bundle=K)
+
+
+def select_members(state, K, keep):
+    """The state_dict of a bundle of K members cut down to the members ``keep`` (indices, in order).
+
+    Every tensor of a bundled model with a leading dimension stacks its members block by block along it
+    (conv weights K·c_out, BN statistics K·c, frozen heads K); a 0-dim tensor (BN's
+    ``num_batches_tracked``) is shared by all members and kept as it is."""
+    out = {}
+    for name, v in state.items():
+        if v.dim() == 0:
+            out[name] = v.clone()
+            continue
+        if v.shape[0] % K:
+            raise ValueError(f"{name}: leading dimension {v.shape[0]} is not a multiple of K = {K}")
+        blocks = v.reshape(K, v.shape[0] // K, *v.shape[1:])
+        out[name] = blocks[list(keep)].reshape(-1, *v.shape[1:]).clone()
+    return out
 
 
 class FlatBundle:

@@ -19,8 +19,12 @@ on. Measurements at log steps use their own generators, so logging never changes
 
 With ``stop_when`` (trainables.stopping) a member whose U, S (and radius) are stationary and precise
 enough stops at that log step (status ``stopped``, the rule's statistics in its last row); a member in the
-OP convergence regime is held (never stopped early). A stopped member is parked like a diverged one (its
-learning rate masked to zero, no more rows); alone, its trial ends.
+OP convergence regime is held (never stopped early). Alone, its trial ends. In a bundle a stopped or
+diverged member is parked (learning rate masked to zero, no more rows) and then leaves the vectorised
+batch (trainables.compaction): at the end of the log step, or right after the running flush that found
+the divergence, the bundle is rebuilt with the running members only, so they run faster. ``active``
+lists the original indices of the members in the batch; the outside view does not change (events carry
+K rows and K statuses in the trial's member order, None for members that left).
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from typing import Iterator
 
 import torch
 
-from trainables import metrics
+from trainables import compaction, metrics
 from trainables import optimizers, protocols
 from trainables.cuda_graph import replayed_step
 from trainables.data import load_dataset, sample_batch_indices
@@ -98,15 +102,19 @@ class _Solo:
 class _Bundle:
     """K members as one model with grouped convolutions; θ and ∇ are (K, D) (``models.FlatBundle``)."""
 
-    def __init__(self, cfgs, data, device, dtype):
-        cfg = cfgs[0]
-        self.model = build_bundle(cfg["model"], cfg["width"], data.num_classes, cfgs,
-                                  in_channels=data.in_channels).to(device=device, dtype=dtype)
+    def __init__(self, cfgs, data, device, dtype=None, model=None):
+        """Members ``cfgs`` built from their seeds, or (``model``) those of an existing bundled model
+        (trainables.compaction)."""
+        if model is None:
+            cfg = cfgs[0]
+            model = build_bundle(cfg["model"], cfg["width"], data.num_classes, cfgs,
+                                 in_channels=data.in_channels).to(device=device, dtype=dtype)
+        self.model = model
         self.model.train()
         self.data, self.K = data, len(cfgs)
         self.flat = FlatBundle(self.model, self.K)
         self.theta, self.grad = self.flat.theta, self.flat.grad
-        seeds = list(dict.fromkeys(int(c["seed"]) for c in cfgs))
+        seeds = compaction.distinct_seeds(cfgs)       # the order of the runner's generators
         self.group = torch.tensor([seeds.index(int(c["seed"])) for c in cfgs], device=device)
 
     def _batch(self, gens, batch_size):
@@ -190,10 +198,10 @@ class NetworkRunner:
         self.log_iters = log_iterations(cfg["log_schedule"], self.iterations)
         self.log_set = set(self.log_iters)
         self.plan = SnapshotPlan(self.log_iters, cfg["entropy"] or [])
-        seeds = list(dict.fromkeys(int(m["seed"]) for m in cfgs))    # one generator per distinct seed
-        self.gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
+        self.seeds = compaction.distinct_seeds(cfgs)                  # one generator per distinct seed
+        self.gens = [torch.Generator(device=self.device).manual_seed(s) for s in self.seeds]
         self.metric_gens = [torch.Generator(device=self.device).manual_seed(s + METRIC_SEED_OFFSET)
-                            for s in seeds]
+                            for s in self.seeds]
         self.iteration = 0
         self.host_done = False      # host work (snapshot, log) for θ_iteration already done
         self.status = ["running"] * self.K
@@ -203,6 +211,15 @@ class NetworkRunner:
         self._running: list[tuple[int, torch.Tensor]] = []
         self._pending_running: list[list[dict]] = [[] for _ in range(self.K)]
         self.stop = self._stop_rule(cfg)
+        self.compacts = compaction.COMPACT     # parked members leave the batch (False: they ride it)
+        self.compactions: list[list] = []       # [iteration, active after], one per compaction
+        self._script: dict[int, list[int]] = {} # a replay's compactions still to come (``follow``)
+        self.set_active(list(range(self.K)))
+
+    def set_active(self, active: list[int]) -> None:
+        """The members in the batch (original indices, in order) and each one's row in it."""
+        self.active = list(active)
+        self._row = {k: i for i, k in enumerate(self.active)}
 
     def _stop_rule(self, cfg) -> StopRule | None:
         spec = check_spec(cfg["stop_when"])
@@ -236,12 +253,13 @@ class NetworkRunner:
 
     def _kept(self, grads):
         """Pass the stochastic gradients through, copying each into the displacement buffer (M, K, D)."""
+        n = len(self.active)
         if self._stoch_buf is None:
             # kept for the runner's life: the same block is refilled at every log step
-            self._stoch_buf = torch.empty(self.num_stoch_grads, self.K, self.D, device=self.device,
+            self._stoch_buf = torch.empty(self.num_stoch_grads, n, self.D, device=self.device,
                                           dtype=self.grad.dtype)
         for i, g in enumerate(grads):
-            self._stoch_buf[i].copy_(g.view(self.K, -1))
+            self._stoch_buf[i].copy_(g.view(n, -1))
             yield g
 
     # ---- the hot loop -------------------------------------------------------------------------
@@ -253,7 +271,7 @@ class NetworkRunner:
                                       self.lr, self.wd, self.r0)
             self._bad |= ~torch.isfinite(losses)
             if (t + 1) % self.running_every == 0:
-                K = self.K
+                K = self.rows.shape[0]
                 pre = r_tilde.reshape(K) if r_tilde is not None else torch.full((K,), math.nan, device=self.device)
                 self._running.append((t + 1, torch.stack([
                     losses.float(), protocols.norm(self.grad).reshape(K).float(),
@@ -264,16 +282,17 @@ class NetworkRunner:
         members that diverged now."""
         running = [k for k, s in enumerate(self.status) if s == "running"]
         if self._running:
-            values = torch.stack([v for _, v in self._running]).cpu().tolist()   # (n, 4, K)
+            values = torch.stack([v for _, v in self._running]).cpu().tolist()   # (n, 4, batch rows)
             for (it, _), (bl, gn, r, pre) in zip(self._running, values):
                 for k in running:
-                    row = {"iteration": it, "batch_loss": bl[k], "stoch_grad_norm": gn[k], "radius": r[k]}
-                    if not math.isnan(pre[k]):
-                        row["radius_preproj"] = pre[k]
+                    i = self._row[k]
+                    row = {"iteration": it, "batch_loss": bl[i], "stoch_grad_norm": gn[i], "radius": r[i]}
+                    if not math.isnan(pre[i]):
+                        row["radius_preproj"] = pre[i]
                     self._pending_running[k].append(row)
             self._running = []
         bad = (self._bad | ~torch.isfinite(self.rows).all(dim=1)).cpu().tolist()
-        diverged = [k for k in running if bad[k]]
+        diverged = [k for k in running if bad[self._row[k]]]
         for k in diverged:
             self._park(k, "diverged")
         return diverged
@@ -283,15 +302,34 @@ class NetworkRunner:
         others go on) and a diverged member's θ goes back to its start (no NaN left in the batch)."""
         self.status[k] = status
         if self.K > 1:
+            i = self._row[k]
             with torch.no_grad():
-                self.lr[k] = 0.0
+                self.lr[i] = 0.0
             if status == "diverged":
                 with torch.no_grad():
-                    self.rows[k].copy_(self.theta0[k])
+                    self.rows[i].copy_(self.theta0[i])
                     for v in self.opt_state.values():      # no NaN moments left in a parked row
                         if v.dim() == 2:
-                            v[k].zero_()
-                    self._bad[k] = False
+                            v[i].zero_()
+                    self._bad[i] = False
+
+    def _compact(self, at_log_step: bool) -> None:
+        """Parked members leave the batch (trainables.compaction) when some member still runs. A replay
+        (``follow``) first parks, at the end of a log step, the members the original run stopped there."""
+        t = self.iteration
+        if at_log_step and t in self._script:
+            for k in self.active:
+                if k not in self._script[t] and self.status[k] == "running":
+                    self._park(k, "stopped")
+        keep = compaction.members_to_keep(self)
+        if keep is not None:
+            compaction.compact(self, keep)
+            self.compactions.append([t, list(keep)])
+
+    def follow(self, target: dict) -> None:
+        """A replay from an anchor towards the checkpoint ``target`` (engine.replay) compacts where the
+        original run did: the stop rule is not consulted there, so ``target``'s record says who left."""
+        self._script = {int(t): list(keep) for t, keep in target.get("compactions", [])}
 
     # ---- log steps ----------------------------------------------------------------------------
     def measure(self, t: int, sink) -> list[dict]:
@@ -300,7 +338,7 @@ class NetworkRunner:
         Order (docs/theory.md §3, corrected 2026-12-02): the full-train pass, then the eval-mode test pass (its
         BN running statistics are those the 1024-chunk full pass left), then the M stochastic gradients.
         """
-        K = self.K
+        n = len(self.active)
         train_loss, train_acc = self.net.full_pass(self.loss)
         gbar = self.grad.clone()
         test_loss, test_acc = self.net.test_pass(self.loss)
@@ -308,11 +346,17 @@ class NetworkRunner:
         stats = metrics.gradient_noise_stats(gbar, grads if self.stoch_entropy_ks is None else self._kept(grads))
         radius = protocols.norm(self.theta)
         names = [*METRIC_NAMES, *stats]
-        values = torch.stack([v.double().reshape(K) for v in (train_loss, train_acc, test_loss, test_acc,
+        values = torch.stack([v.double().reshape(n) for v in (train_loss, train_acc, test_loss, test_acc,
                                                                radius, *stats.values())]).cpu().tolist()
-        rows = [{"iteration": t, **{n: values[i][k] for i, n in enumerate(names)}} for k in range(K)]
-        entropy = sink.evaluate(t, self.plan.specs_at(t)) if sink is not None and self.plan.evaluates(t) else None
-        for k, row in enumerate(rows):
+        rows: list[dict | None] = [None] * self.K
+        for r, k in enumerate(self.active):
+            rows[k] = {"iteration": t, **{name: values[i][r] for i, name in enumerate(names)}}
+        entropy = None
+        if sink is not None and self.plan.evaluates(t):
+            running = [k for k in self.active if self.status[k] == "running"]
+            entropy = sink.evaluate(t, self.plan.specs_at(t), members=running)
+        for k in self.active:
+            row = rows[k]
             if self.stoch_entropy_ks is not None:
                 row.update(self._stochastic_entropy(k, row["radius"]))
             if entropy is not None:
@@ -328,7 +372,7 @@ class NetworkRunner:
         m = self.members[k]
         step = optimizers.step_lr(self.opt, m["protocol"], float(m["lr"]), radius)
         d_e = self.D - 1
-        S = knn_graph_entropy(self._stoch_buf[:, k], self.stoch_entropy_ks, intrinsic_dim=d_e)
+        S = knn_graph_entropy(self._stoch_buf[:, self._row[k]], self.stoch_entropy_ks, intrinsic_dim=d_e)
         return {f"stoch_entropy_knn_k{kk}": v + d_e * math.log(step) for kk, v in S.items()}
 
     def _update_regime(self, k: int, row: dict) -> None:
@@ -371,6 +415,8 @@ class NetworkRunner:
                     self._consider_stop(k, t, row)
         if t >= self.iterations:
             self.status = ["done" if s == "running" else s for s in self.status]
+        else:
+            self._compact(at_log_step=True)
         return rows
 
     def run(self, sink=None) -> Iterator[dict]:
@@ -378,7 +424,7 @@ class NetworkRunner:
         while "running" in self.status:
             if not self.host_done:
                 if sink is not None and self.plan.needs_snapshot(t):
-                    sink.put(t, self.rows.detach())
+                    sink.put(t, self.rows.detach(), members=self.active)
                 if t in self.log_set:
                     rows = self._log_step(t, sink)
                     self.host_done = True
@@ -392,6 +438,7 @@ class NetworkRunner:
             t += 1
             self.iteration, self.host_done = t, False
             if len(self._running) >= FLUSH_EVERY and self._flush_running():
+                self._compact(at_log_step=False)
                 yield self._event(t, [None] * self.K)
 
     def _event(self, t: int, rows: list) -> dict:
@@ -413,9 +460,17 @@ class NetworkRunner:
             "pending_running": [list(p) for p in self._pending_running],
             "optimizer": {k: v.cpu() for k, v in optimizers.state_dict(self.opt_state).items()},
             "stop": self.stop.state_dict() if self.stop is not None else None,
+            "active": list(self.active), "compactions": [list(c) for c in self.compactions],
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a state; a runner whose batch still holds members that had left it when the state
+        was saved is compacted to the saved ``active`` first."""
+        active = list(state.get("active", range(self.K)))
+        if active != self.active:
+            compaction.compact(self, active)
+        self.compactions = [list(c) for c in state.get("compactions", [])]
+        self._script = {}
         with torch.no_grad():
             own = self.model.state_dict()
             for k, v in state["model"].items():

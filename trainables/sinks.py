@@ -2,7 +2,10 @@
 
 A runner calls ``sink.put(it, theta)`` at snapshot iterations (``theta`` is ``(n_members, D)``) and
 ``sink.evaluate(t, spec_ids)`` at log steps (``spec_ids``: the estimator specs the snapshot plan evaluates
-at t); ``evaluate`` returns one dict of entropy metrics per member. The
+at t); ``evaluate`` returns one dict of entropy metrics per member. A bundle whose stopped members left
+its batch (trainables.compaction) puts only the rows of the members still in it
+(``put(it, theta, members=...)``, original member indices) and has only its running members evaluated
+(``evaluate(..., members=...)``; the others get empty dicts). The
 ``LocalSink`` keeps ring buffers in the training process (the single-trial CLI); the engine's
 ``ReservoirSink`` ships snapshots to a Ray actor instead. Both use :func:`window_entropy`.
 
@@ -75,12 +78,17 @@ class LocalSink:
                         for s in self.specs]
         self.slot_iter = [[-1] * int(s["window"]) for s in self.specs]
 
-    def put(self, it: int, theta: torch.Tensor) -> None:
+    def put(self, it: int, theta: torch.Tensor, members: list[int] | None = None) -> None:
+        """Store the snapshot ``theta`` of iteration ``it``: one row per member, or per member of
+        ``members`` (original indices) when only those are given."""
         for k, spec in enumerate(self.specs):
             stride, n = int(spec.get("stride", 1)), int(spec["window"])
             if it % stride == 0:
                 slot = (it // stride) % n
-                self.buffers[k][:, slot].copy_(theta, non_blocking=True)
+                if members is None or len(members) == self.buffers[k].shape[0]:
+                    self.buffers[k][:, slot].copy_(theta, non_blocking=True)
+                else:
+                    self.buffers[k][members, slot] = theta.to(self.buffers[k].dtype)
                 self.slot_iter[k][slot] = it
 
     def window_ready(self, k: int, t: int) -> bool:
