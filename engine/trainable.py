@@ -13,6 +13,7 @@ trial never repeats a log step that was not reported, and never skips one.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -30,6 +31,7 @@ from trainables.runner import make_runner
 
 CHECKPOINT_FILE = "runner.pt"
 HOLD_S = 300.0          # tests only: how long a trial held by the "hold" fault waits to be killed
+HELD_PREFIX = "thermosweep-held-"   # a checkpoint written but not yet handed to Tune: <tmp>/<prefix><trial key>-*
 REPORT_EVERY_S = 5.0    # log steps are reported to Tune (and so to MLflow) at most this often, batched
                         # (0.1 s per member for bundles of more than 50 members)
 
@@ -56,6 +58,7 @@ def train_bundle(config: dict) -> None:
     runner = make_runner(members, device)
     specs = runner.members[0].get("entropy") or []
     key = f"{config.get('sweep_id', 'sweep')}/{trial['trial_id']}"
+    clear_held(key)         # what an earlier attempt of this trial held when it was killed
     # entropy is evaluated while the trial trains on, unless the runner itself reads it at the log
     # step (stop_when's rule watches the entropy's standard error): then the trial waits for it
     asynchronous = not any(m.get("stop_when") for m in runner.members)
@@ -68,7 +71,7 @@ def train_bundle(config: dict) -> None:
     faults = _faults(config.get("_fault_kill_at"))  # tests only: real SIGKILLs of this worker / the reservoir
     # every result costs the driver one MLflow transaction per member: big bundles report less often
     report_every = float(config.get("report_every_s", max(REPORT_EVERY_S, 0.1 * len(members))))
-    reports = Reports(member_ids, runner.D, sink)
+    reports = Reports(member_ids, runner.D, sink, key)
     last_checkpoint, last_report = runner.iteration, time.monotonic()
 
     for event in runner.run(sink):
@@ -117,8 +120,8 @@ class Reports:
     checkpoint taken at log step c is written at once but handed to Tune only with the report that
     ends at c, so a resumed trial never repeats a reported log step and never skips one."""
 
-    def __init__(self, member_ids: list[str], D: int, sink):
-        self.member_ids, self.D, self.sink = member_ids, D, sink
+    def __init__(self, member_ids: list[str], D: int, sink, key: str = "sweep/trial"):
+        self.member_ids, self.D, self.sink, self.key = member_ids, D, sink, key
         self.events: list[dict] = []
         self.awaiting: set[int] = set()
         self.held: tuple[int, str] | None = None        # (log step, checkpoint directory)
@@ -129,7 +132,7 @@ class Reports:
             self.awaiting.add(event["iteration"])
 
     def hold_checkpoint(self, runner, keeper, t: int) -> None:
-        directory = tempfile.mkdtemp(prefix="ckpt-")
+        directory = tempfile.mkdtemp(prefix=held_prefix(self.key))
         torch.save(runner.state_dict(), os.path.join(directory, CHECKPOINT_FILE))
         if keeper is not None:
             keeper.write(directory, t)
@@ -178,6 +181,20 @@ class Reports:
             return last["iteration"], True
         tune.report(metrics)
         return last["iteration"], False
+
+
+def held_prefix(key: str) -> str:
+    """The temp-directory prefix of the checkpoints trial ``key`` (sweep id / trial id) holds."""
+    return HELD_PREFIX + re.sub(r"[^A-Za-z0-9._-]", "_", key) + "-"
+
+
+def clear_held(key: str) -> int:
+    """Remove the held checkpoints an earlier attempt of trial ``key`` left when it was killed (Tune
+    restores from its own copy of each checkpoint it was handed; a held one never was). Returns how many."""
+    stale = [d for d in os.listdir(tempfile.gettempdir()) if d.startswith(held_prefix(key))]
+    for d in stale:
+        shutil.rmtree(os.path.join(tempfile.gettempdir(), d), ignore_errors=True)
+    return len(stale)
 
 
 def attach_entropy(row: dict, entropy: dict, D: int) -> None:

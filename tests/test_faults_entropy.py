@@ -7,7 +7,10 @@ run: train metrics exactly, entropy to 1e-12, no step twice, no ``entropy_missin
 """
 from __future__ import annotations
 
+import os
 import signal
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,8 +115,6 @@ def clean_run(ray_session, tmp_path_factory):
 
 
 def _assert_identical(clean_hist: dict, uri: str, experiment: str, storage: str) -> None:
-    from pathlib import Path
-
     # the trial's checkpoints carried anchors: its windows reach back across checkpoints
     assert list(Path(storage).glob(f"{experiment}_*/t000/checkpoint_*/anchor.json")), experiment
     hist, tags = member_histories(uri, experiment)
@@ -133,6 +134,24 @@ def test_worker_or_reservoir_kill_loses_no_entropy(clean_run, case, fault, failu
     trials = ExperimentAnalysis(summary["sweep_dir"]).trials
     assert [t.num_failures for t in trials] == [failures]     # the worker kill did happen and was retried
     _assert_identical(clean_run["hist"], clean_run["uri"], case, clean_run["storage"])
+    from engine.trainable import HELD_PREFIX
+    left = [d for d in os.listdir(tempfile.gettempdir()) if d.startswith(HELD_PREFIX + summary["sweep_id"])]
+    assert left == []                      # nothing the killed attempt held is left in the temp dir
+
+
+def test_a_trial_attempt_clears_only_its_own_trials_held_checkpoints(tmp_path, monkeypatch):
+    """A worker killed while it holds a checkpoint (written, not yet handed to Tune) leaves its directory;
+    the trial's next attempt removes those of the same sweep and trial, and nothing else."""
+    from engine.trainable import clear_held, held_prefix
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    ours = [tempfile.mkdtemp(prefix=held_prefix("demo_1/t001")) for _ in range(2)]
+    others = [tempfile.mkdtemp(prefix=held_prefix(k)) for k in ("demo_1/t0010", "demo_2/t001", "demo_1/t000")]
+    (tmp_path / "unrelated").mkdir()
+    Path(ours[0], "runner.pt").write_bytes(b"state")
+    assert clear_held("demo_1/t001") == 2
+    assert not any(os.path.exists(d) for d in ours)
+    assert all(os.path.isdir(d) for d in others) and (tmp_path / "unrelated").is_dir()
 
 
 @pytest.mark.parametrize("case, sig", [("driver_sigint", signal.SIGINT), ("driver_kill9", signal.SIGKILL)])
