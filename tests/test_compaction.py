@@ -105,7 +105,8 @@ def test_replay_through_the_reservoir_from_an_anchor_before_the_compaction(ray_s
     """Checkpoint (state + anchor) after the compaction whose anchor predates it; a fresh runner with an
     empty reservoir sink replays from the anchor (compacting where the original run did) and then gives
     the undisturbed run's entropy for the running members at every later log step."""
-    from engine.replay import AnchorKeeper, AnchorPlan, read_anchor, rebuild_windows
+    from engine.replay import AnchorKeeper, AnchorPlan, rebuild_windows
+    from test_faults_entropy import checkpoint_at
     from engine.reservoir import ReservoirSink
 
     def fresh(key):
@@ -120,15 +121,7 @@ def test_replay_through_the_reservoir_from_an_anchor_before_the_compaction(ray_s
     t_stop = runner.compactions[0][0]
     every, cut = 60, 180
     plan = AnchorPlan(runner.members[0], every)
-    runner, sink = fresh("compact/first")
-    keeper = AnchorKeeper(plan)
-    for e in runner.run(sink):
-        keeper.observe(runner, e["iteration"])
-        if e["iteration"] == cut:
-            break
-    state = runner.state_dict()
-    keeper.write(str(tmp_path), cut)
-    anchor = read_anchor(str(tmp_path))
+    state, anchor = checkpoint_at(*fresh("compact/first"), plan, cut, tmp_path)
     assert anchor is not None and anchor[0] < t_stop < cut and anchor[1]["active"] == [0, 1, 2, 3]
 
     runner, sink = fresh("compact/restored")

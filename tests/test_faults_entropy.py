@@ -31,6 +31,19 @@ NET = {"model": "convnet", "width": 1, "dataset": "digits", "lr": 0.1, "iteratio
        "entropy": [{"name": "knn", "window": 70, "stride": 1, "ks": [1, 5]}]}
 
 
+def checkpoint_at(runner, sink, plan, cut: int, directory) -> tuple[dict, tuple | None]:
+    """Run ``runner`` to log step ``cut`` keeping anchors by ``plan``; write the checkpoint's anchor into
+    ``directory`` and return (the runner's state there, the anchor read back)."""
+    keeper = AnchorKeeper(plan)
+    for e in runner.run(sink):
+        keeper.observe(runner, e["iteration"])
+        if e["iteration"] == cut:
+            break
+    state = runner.state_dict()
+    keeper.write(str(directory), cut)
+    return state, read_anchor(str(directory))
+
+
 def _fresh(member):
     runner = make_runner([member], "cpu")
     return runner, LocalSink(runner.members[0]["entropy"], len(runner.members), runner.D)
@@ -49,15 +62,7 @@ def test_replay_from_the_anchor_rebuilds_the_windows(member, every, cut, tmp_pat
     clean = {e["iteration"]: _entropy(e["rows"]) for e in runner.run(sink)}
     plan = AnchorPlan(runner.members[0], every)
 
-    runner, sink = _fresh(member)
-    keeper = AnchorKeeper(plan)
-    for e in runner.run(sink):
-        keeper.observe(runner, e["iteration"])
-        if e["iteration"] == cut:
-            break
-    state = runner.state_dict()
-    keeper.write(str(tmp_path), cut)
-    anchor = read_anchor(str(tmp_path))
+    state, anchor = checkpoint_at(*_fresh(member), plan, cut, tmp_path)
     assert anchor is not None and START < anchor[0] < cut and anchor[1] is not None
 
     def resumed(replay: bool):
