@@ -144,7 +144,11 @@ def run_sweep(grid, *, address=None, tracking_uri=DEFAULT_TRACKING_URI, storage_
         tracker = _tracker(grid, tracking_uri, sweep_id, storage, trials, members)
         tuner = _new_tuner(grid, trainable, trials, sweep_id, storage, [tracker, *_callbacks],
                            max_concurrent or grid.max_concurrent, verbose, _fault_kill_at)
-    results = _fit(tuner, entropy=any(config.get("entropy") for _, config in members))
+    try:
+        results = _fit(tuner, entropy=any(config.get("entropy") for _, config in members))
+    finally:
+        from engine.trainable import clear_sweep_held
+        clear_sweep_held(sweep_id)      # checkpoints killed trials held here and nobody will restore
     try:
         from engine.tracking import member_statuses
         final = member_statuses(tracking_uri, grid.experiment, sweep_id)

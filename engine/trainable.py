@@ -188,10 +188,26 @@ def held_prefix(key: str) -> str:
     return HELD_PREFIX + re.sub(r"[^A-Za-z0-9._-]", "_", key) + "-"
 
 
+def sweep_held_prefix(sweep_id: str) -> str:
+    """The prefix shared by the held checkpoints of every trial of sweep ``sweep_id``."""
+    return held_prefix(sweep_id + "/")[:-1]          # "<prefix><sweep>_": the key's "/" became "_"
+
+
 def clear_held(key: str) -> int:
     """Remove the held checkpoints an earlier attempt of trial ``key`` left when it was killed (Tune
     restores from its own copy of each checkpoint it was handed; a held one never was). Returns how many."""
-    stale = [d for d in os.listdir(tempfile.gettempdir()) if d.startswith(held_prefix(key))]
+    return _remove_prefixed(held_prefix(key))
+
+
+def clear_sweep_held(sweep_id: str) -> int:
+    """The driver's share of the same cleaning, on its own machine, when a sweep ends or is interrupted:
+    what trials of sweep ``sweep_id`` held when they were killed and were not started again (a trial that
+    had finished, or a sweep never resumed). Returns how many directories went."""
+    return _remove_prefixed(sweep_held_prefix(sweep_id))
+
+
+def _remove_prefixed(prefix: str) -> int:
+    stale = [d for d in os.listdir(tempfile.gettempdir()) if d.startswith(prefix)]
     for d in stale:
         shutil.rmtree(os.path.join(tempfile.gettempdir(), d), ignore_errors=True)
     return len(stale)

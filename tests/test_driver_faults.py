@@ -25,6 +25,7 @@ from ray.tune import Callback
 from benchmarks.faults import MlflowServer, free_port
 from conftest import REPO, metric_history, mlflow_member_runs, repo_env
 from engine import layout
+from engine.trainable import held_prefix, sweep_held_prefix
 
 DEMO = REPO / "grids" / "demo.yaml"
 KNN = "entropy=[{name: knn, window: 20, stride: 1, ks: [1, 5, 19]}]"
@@ -306,8 +307,12 @@ def test_driver_killed_between_tracker_and_tune_resumes_without_rerunning(tmp_pa
     assert len(killed_session) == 1
 
     # the seam: MLflow has closed t001's member, Tune's saved state has not finished the trial
-    _, children = mlflow_member_runs(tracking_uri, "seam")
+    parent, children = mlflow_member_runs(tracking_uri, "seam")
     assert children["m0001"].data.tags[layout.TAG_STATUS] == "done"
+    # what a killed attempt of the finished t001 held (whether or not the kill left one): no attempt of
+    # t001 comes again to clear it, so the resumed driver must
+    sweep_id = parent.data.tags[layout.TAG_SWEEP_ID]
+    planted = tempfile.mkdtemp(prefix=held_prefix(f"{sweep_id}/t001"))
     started_before = [r["trial_id"] for r in _records(rec)]
     assert started_before == ["t000", "t001"], started_before
     series_before = metric_history(tracking_uri, children["m0001"].info.run_id, "train_loss")
@@ -333,6 +338,8 @@ def test_driver_killed_between_tracker_and_tune_resumes_without_rerunning(tmp_pa
     assert metric_history(tracking_uri, children["m0001"].info.run_id, "train_loss") == series_before
     assert c.get_run(parent.info.run_id).info.status == "FINISHED"
     assert c.get_run(parent.info.run_id).data.tags[layout.TAG_SWEEP_STATUS] == "finished"
+    assert not os.path.exists(planted)
+    assert [d for d in os.listdir(tempfile.gettempdir()) if d.startswith(sweep_held_prefix(sweep_id))] == []
 
 
 def test_next_start_stops_what_a_killed_driver_left(ray_tmpdir, monkeypatch):
@@ -505,6 +512,10 @@ def test_sigterm_stops_the_sweep_like_ctrl_c_and_closes_what_it_started(tmp_path
                 pass
             time.sleep(0.5)       # polling interval, not synchronisation
         sessions = [d for d in (ray_tmpdir / "ray").glob("session_2*")]
+        # a checkpoint a killed attempt of this sweep's trial held, and one of another sweep
+        sweep_id = mlflow_member_runs(uri, "term")[0].data.tags[layout.TAG_SWEEP_ID]
+        planted = tempfile.mkdtemp(prefix=held_prefix(f"{sweep_id}/t000"))
+        other = tempfile.mkdtemp(prefix=held_prefix(f"{sweep_id}0/t000"))
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=180)
     finally:
@@ -517,6 +528,8 @@ def test_sigterm_stops_the_sweep_like_ctrl_c_and_closes_what_it_started(tmp_path
     assert c.get_run(parent.info.run_id).data.tags[layout.TAG_SWEEP_STATUS] == "interrupted"
     member = c.get_run(runs["m0000"].info.run_id)
     assert member.info.status == "KILLED" and member.data.tags[layout.TAG_STATUS] == "running"
+    assert not os.path.exists(planted) and os.path.isdir(other)     # the driver cleared its sweep's only
+    os.rmdir(other)
     deadline = time.monotonic() + 60
     while any(processes_of(str(d)) for d in sessions):          # Ray's shutdown ends its processes
         assert time.monotonic() < deadline, [processes_of(str(d)) for d in sessions]

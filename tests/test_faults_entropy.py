@@ -139,8 +139,8 @@ def test_worker_or_reservoir_kill_loses_no_entropy(clean_run, case, fault, failu
     trials = ExperimentAnalysis(summary["sweep_dir"]).trials
     assert [t.num_failures for t in trials] == [failures]     # the worker kill did happen and was retried
     _assert_identical(clean_run["hist"], clean_run["uri"], case, clean_run["storage"])
-    from engine.trainable import HELD_PREFIX
-    left = [d for d in os.listdir(tempfile.gettempdir()) if d.startswith(HELD_PREFIX + summary["sweep_id"])]
+    from engine.trainable import sweep_held_prefix
+    left = [d for d in os.listdir(tempfile.gettempdir()) if d.startswith(sweep_held_prefix(summary["sweep_id"]))]
     assert left == []                      # nothing the killed attempt held is left in the temp dir
 
 
@@ -157,6 +157,20 @@ def test_a_trial_attempt_clears_only_its_own_trials_held_checkpoints(tmp_path, m
     assert clear_held("demo_1/t001") == 2
     assert not any(os.path.exists(d) for d in ours)
     assert all(os.path.isdir(d) for d in others) and (tmp_path / "unrelated").is_dir()
+
+
+def test_the_driver_clears_its_sweeps_held_checkpoints_and_no_other_sweeps(tmp_path, monkeypatch):
+    """At the end of a sweep (or its interruption) the driver removes what any trial of that sweep held
+    here: trials that finished, or that nobody resumes, never clear their own."""
+    from engine.trainable import clear_sweep_held, held_prefix
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    ours = [tempfile.mkdtemp(prefix=held_prefix(k)) for k in ("demo_1/t001", "demo_1/t000", "demo_1/t0010")]
+    others = [tempfile.mkdtemp(prefix=held_prefix(k)) for k in ("demo_10/t001", "demo_2/t000", "xdemo_1/t000")]
+    (tmp_path / "demo_1_t000").mkdir()
+    assert clear_sweep_held("demo_1") == 3
+    assert not any(os.path.exists(d) for d in ours)
+    assert all(os.path.isdir(d) for d in others) and (tmp_path / "demo_1_t000").is_dir()
 
 
 @pytest.mark.parametrize("case, sig", [("driver_sigint", signal.SIGINT), ("driver_kill9", signal.SIGKILL)])
