@@ -10,6 +10,11 @@ from the local object store without copying them (:class:`ChunkedWindow`) and co
 with ``trainables.sinks.window_entropy`` — the same function the single-process ``LocalSink`` uses, so
 both give identical values for the same window.
 
+The chunks reach the reservoir as top-level arguments of its task, so Ray resolves them before the
+task runs and hands it zero-copy views; the reservoir itself never calls ``ray.get``. (It used to, from
+its worker threads, on references nested in the arguments: under CPU load one such ``ray.get`` waited
+forever for a chunk its owner held, and the trial collecting that evaluation with it.)
+
 Memory bound per trial (object store): for each estimator, at most ``(window + chunk − 1)`` snapshots of
 ``n_members × D × 4`` bytes (float32), e.g. (1000 + 32) × 1 × 24,408 × 4 ≈ 0.10 GB for ConvNet-8 with
 the k-NN window and ≈ 6.4 GB for ConvNet-64; an evaluation adds one column block (≤ 2^25 float64 values)
@@ -144,15 +149,16 @@ class Reservoir:
         torch.set_num_threads(max(1, min(os.cpu_count() or 1, 4)))
         self.lock = threading.Lock()
 
-    def evaluate(self, trial_key: str, t: int, n_members: int, jobs: list,
-                 members: list[int] | None = None) -> list[dict]:
-        """Entropy rows at log step t, for ``members`` (default all; the others' rows stay empty).
-        ``jobs``: [(spec, window)] with window = [(chunk ref, row, chunk's members)] oldest first, or
-        None when a snapshot is missing (that step's rows get entropy_missing)."""
+    def evaluate(self, trial_key: str, t: int, n_members: int, jobs: list, members: list[int] | None,
+                 *chunks) -> list[dict]:
+        """Entropy rows at log step t, for ``members`` (None: all; the others' rows stay empty).
+        ``jobs``: [(spec, window)] with window = [(chunk number, row, chunk's members)] oldest first, or
+        None when a snapshot is missing (that step's rows get entropy_missing); ``chunks``: the chunk
+        arrays those numbers point at, which Ray resolved from the trial's object references."""
         rows: list[dict] = [{} for _ in range(n_members)]
         members = range(n_members) if members is None else members
         for spec, where in jobs:
-            parts = self._read(trial_key, t, where)
+            parts = self._parts(where, chunks)
             for m in members:
                 try:
                     window = None if parts is None else ChunkedWindow(parts, m, self.device)
@@ -168,25 +174,17 @@ class Reservoir:
         return rows
 
     @staticmethod
-    def _read(trial_key: str, t: int, where: list | None) -> list | None:
-        """The window's parts [(chunk array (k, members, D), [rows], chunk's members)] in window order, read
-        from the object store without copying (zero-copy views), or None if a snapshot is missing."""
+    def _parts(where: list | None, chunks: tuple) -> list | None:
+        """The window's parts [(chunk array (k, members, D), [rows], chunk's members)] in window order
+        (the arrays are Ray's zero-copy views of the object store), or None if a snapshot is missing."""
         if where is None:
             return None
-        arrays: dict = {}
-        try:
-            for ref, _, _ in where:
-                if ref not in arrays:
-                    arrays[ref] = ray.get(ref)
-        except Exception as e:  # objects lost with a dead trial process
-            log.warning("reservoir: window of %s at %d lost (%s)", trial_key, t, e)
-            return None
         parts: list = []
-        for ref, row, held in where:
-            if parts and parts[-1][0] is arrays[ref]:
+        for number, row, held in where:
+            if parts and parts[-1][0] is chunks[number]:
                 parts[-1][1].append(row)
             else:
-                parts.append((arrays[ref], [row], held))
+                parts.append((chunks[number], [row], held))
         return parts
 
     def forget(self, trial_key: str) -> None:
@@ -243,6 +241,16 @@ def shutdown_reservoirs(wait_s: float = 30.0) -> int:
     while names & _reservoir_names() and time.monotonic() < deadline:
         time.sleep(0.05)          # polling the name registry until the kills have landed
     return len(names)
+
+
+def by_number(windows: list) -> tuple[list, list]:
+    """[(spec, [(chunk ref, row, members)] or None)] -> (the same with each ref replaced by its number in
+    the returned list of distinct refs, that list): the refs then travel as top-level task arguments."""
+    numbers: dict = {}
+    jobs = [(spec, None if where is None else [(numbers.setdefault(ref, len(numbers)), row, held)
+                                              for ref, row, held in where])
+            for spec, where in windows]
+    return jobs, list(numbers)
 
 
 class ReservoirSink:
@@ -304,10 +312,12 @@ class ReservoirSink:
         if self.replaying:
             return [{} for _ in range(self.n_members)]
         self.flush()
-        jobs = [(spec, self.windows.window(k, t)) for k, spec in enumerate(self.specs)
-                if (spec_ids is None or k in spec_ids)
-                and window_complete(t, int(spec["window"]), int(spec.get("stride", 1)))]
-        ref = self._guard(lambda: self.reservoir.evaluate.remote(self.trial_key, t, self.n_members, jobs, members))
+        windows = [(spec, self.windows.window(k, t)) for k, spec in enumerate(self.specs)
+                   if (spec_ids is None or k in spec_ids)
+                   and window_complete(t, int(spec["window"]), int(spec.get("stride", 1)))]
+        jobs, chunks = by_number(windows)
+        ref = self._guard(lambda: self.reservoir.evaluate.remote(self.trial_key, t, self.n_members, jobs, members,
+                                                                  *chunks))
         if not self.asynchronous:
             return self._result(ref)
         self.outstanding.append((t, ref))

@@ -207,6 +207,39 @@ def test_killed_reservoir_loses_no_entropy(reservoir):
     remote.close()
 
 
+def test_reservoir_reads_chunks_from_its_arguments_never_with_ray_get(monkeypatch):
+    """The chunks travel as top-level task arguments, numbered by ``by_number``; the reservoir's task calls
+    no ``ray.get`` (a ``ray.get`` from its worker threads once waited forever under CPU load). Run in this
+    process with ``ray.get`` made to fail: the rows equal the LocalSink's, a window with a missing
+    snapshot gives entropy_missing."""
+    import ray
+
+    from engine.reservoir import Reservoir, by_number
+
+    theta = _snapshots(39, seed=3)                                   # iterations 0..39
+    chunk_arrays = {f"ref{c}": theta[8 * c:8 * c + 8].numpy() for c in range(5)}
+    spec = SPECS[0]                                                   # k-NN, window 20, stride 1
+    where = [(f"ref{it // 8}", it % 8, None) for it in range(20, 40)]
+    jobs, refs = by_number([(spec, where), (spec, None)])
+    assert refs == ["ref2", "ref3", "ref4"]
+    assert jobs[0][1][0] == (0, 4, None) and jobs[0][1][-1] == (2, 7, None) and jobs[1] == (spec, None)
+
+    def no_get(*args, **kwargs):
+        raise AssertionError("the reservoir called ray.get")
+    monkeypatch.setattr(ray, "get", no_get)
+    threads = torch.get_num_threads()
+    try:
+        rows = Reservoir().evaluate("test/args", 39, N_MEMBERS, jobs[:1], None, *[chunk_arrays[r] for r in refs])
+        missing = Reservoir().evaluate("test/args", 39, N_MEMBERS, jobs[1:], [1])
+    finally:
+        torch.set_num_threads(threads)
+    local = LocalSink([spec], N_MEMBERS, D)
+    for t in range(40):
+        local.put(t, theta[t])
+    _assert_same(rows, local.evaluate(39), 39)
+    assert missing == [{}, {"entropy_missing": 1.0}]
+
+
 def test_nonfinite_entropy_is_marked_missing():
     """A window whose estimate is not finite (here: NaN weights) gives entropy_missing and the reason,
     and no non-finite value."""
