@@ -12,8 +12,8 @@ both give identical values for the same window.
 
 The chunks reach the reservoir as top-level arguments of its task, so Ray resolves them before the
 task runs and hands it zero-copy views; the reservoir itself never calls ``ray.get``. (It used to, from
-its worker threads, on references nested in the arguments: under CPU load one such ``ray.get`` waited
-forever for a chunk its owner held, and the trial collecting that evaluation with it.)
+its worker threads, on references nested in the arguments: under CPU load one such ``ray.get`` on a
+chunk its owner held never returned, and the trial collecting that evaluation waited with it.)
 
 Memory bound per trial (object store): for each estimator, at most ``(window + chunk − 1)`` snapshots of
 ``n_members × D × 4`` bytes (float32), e.g. (1000 + 32) × 1 × 24,408 × 4 ≈ 0.10 GB for ConvNet-8 with
